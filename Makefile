@@ -8,13 +8,14 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 UV := $(BIN)/uv
+UV_VERSION := 0.13.9
 
 .PHONY: pipeline test lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve
 
 # A stamp per installed set: re-installs only when its lock file changes.
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip uv
+	$(BIN)/pip install -q uv==$(UV_VERSION)
 
 $(VENV)/.pipeline: requirements/pipeline.txt pyproject.toml | $(BIN)/uv
 	$(UV) pip install --python $(BIN)/python -q -r requirements/pipeline.txt

@@ -1,0 +1,32 @@
+"""The committed generated files are what their sources generate: catdog_nb/ from nbs/, README.md from nbs/index.ipynb."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from catdog_nb.core import project_root
+
+BIN = Path(sys.executable).parent
+
+
+def copy_sources(dest: Path) -> Path:
+    root = project_root()
+    for name in ("nbs", "catdog_nb"): shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "params.yaml"): shutil.copy(root / name, dest / name)
+    return root
+
+
+def test_export_reproduces_the_committed_package(tmp_path):
+    root = copy_sources(tmp_path)
+    shutil.rmtree(tmp_path / "catdog_nb")
+    subprocess.run([BIN / "nbdev-export"], cwd=tmp_path, check=True)
+    for exported in sorted((tmp_path / "catdog_nb").glob("*.py")):
+        assert exported.read_text() == (root / "catdog_nb" / exported.name).read_text(), exported.name
+    assert sorted(p.name for p in (tmp_path / "catdog_nb").glob("*.py")) == sorted(p.name for p in (root / "catdog_nb").glob("*.py"))
+
+
+def test_readme_is_rendered_from_index_notebook(tmp_path):
+    root = copy_sources(tmp_path)
+    subprocess.run([BIN / "jupyter", "nbconvert", "--to", "markdown", "--log-level", "WARN", "--output-dir", tmp_path,
+                    "--output", "README", root / "nbs" / "index.ipynb"], check=True)
+    assert (tmp_path / "README.md").read_text() == (root / "README.md").read_text()
