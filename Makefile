@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve
+.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve
 
 # A stamp per installed set: re-installs only when its lock file changes.
 $(BIN)/uv:
@@ -35,7 +35,20 @@ pipeline: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
-test: $(VENV)/.dev data/raw
+# System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
+# tests/test_monitoring.py) and chromium (the page test). apt-get runs only when one is missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+tools:
+	@missing=""; \
+	[ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing from Debian:$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: $(VENV)/.dev data/raw tools
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest
 

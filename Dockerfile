@@ -1,0 +1,56 @@
+# The catdog prediction service: `catdog serve` with the serving dependency set and the model bundle, nothing else.
+#   docker build -t catdog .            (needs models/catdog/, made by the pipeline: `make pipeline`)
+#   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp catdog
+# Both stages use the same base image, so the venv's interpreter path (/usr/local/bin/python3.11) exists in both.
+# Python 3.11 is the version the project tests on (Makefile PYTHON, CI).
+
+FROM python:3.11-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# The pinned serving set first: this layer is reused until requirements/serve.txt changes.
+COPY requirements/serve.txt requirements/serve.txt
+RUN pip install --no-cache-dir -r requirements/serve.txt
+COPY pyproject.toml README.md ./
+COPY catdog_nb/ catdog_nb/
+# The package pins nothing itself (dependencies = []): --no-deps keeps the serving set exactly as locked.
+RUN pip install --no-cache-dir --no-deps . \
+    && catdog --help >/dev/null
+
+FROM python:3.11-slim-bookworm AS runtime
+# LightGBM's wheel links the system OpenMP runtime (libgomp.so.1), which the slim image lacks.
+# Unpinned on purpose: the base tag fixes the Debian release, and its point releases carry security fixes.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+# A numeric non-root user, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+RUN groupadd --system --gid 10001 catdog \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin catdog
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+# params.yaml marks the project root (catdog_nb.core.project_root); the bundle is read-only at run time.
+COPY params.yaml ./
+COPY models/catdog/ models/catdog/
+# Defaults of every setting; the Kubernetes ConfigMap (k8s/configmap.yaml) overrides them.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    CATDOG_ROOT=/app \
+    CATDOG_MODEL_URI=/app/models/catdog \
+    CATDOG_MAX_BYTES=10485760 \
+    CATDOG_MAX_PIXELS=40000000 \
+    CATDOG_MAX_BATCH=16 \
+    CATDOG_MAX_WAIT_MS=5 \
+    CATDOG_WORKERS=1 \
+    CATDOG_LOG_LEVEL=INFO
+USER 10001:10001
+EXPOSE 8000
+# The slim image has no curl: probe /health with the standard library (the port matches CMD below).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+ENTRYPOINT ["catdog", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]

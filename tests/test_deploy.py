@@ -1,0 +1,318 @@
+"""Deployment files checked offline by the real tools: hadolint, kubernetes-validate, promtool, check-jsonschema.
+
+The system tools (promtool) come from Debian: `make tools` installs them; these tests never install anything.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from docker.utils.build import exclude_paths
+
+from dockerfile import DOCKERFILE, stages
+from promql import ALERTS, SERIES_NAMES, SERVICE_METRICS, alert_rules, dashboard, dashboard_targets, metric_names
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+K8S = ROOT / "k8s"
+# The Kubernetes version the manifests are validated against: one kubernetes-validate ships schemas for.
+K8S_VERSION = "1.34.0"
+RESEARCH_PACKAGES = ("jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "torch")
+
+
+def run(*cmd, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def system_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None: pytest.fail(f"{name} is missing: run `make tools` (installs Debian's prometheus and chromium)")
+    return path
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------------------------
+
+def hadolint(path: Path) -> list[dict]:
+    result = run(BIN / "hadolint", "--format", "json", "--failure-threshold", "style", path)
+    return json.loads(result.stdout or "[]")
+
+
+def test_dockerfile_passes_hadolint():
+    assert hadolint(DOCKERFILE) == []
+
+
+def test_hadolint_reports_a_bad_dockerfile(tmp_path):
+    "The same call fails on known mistakes, so a clean report above means the file was really linted."
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install flask\n")
+    assert {finding["code"] for finding in hadolint(bad)} >= {"DL3007", "DL3013"}
+
+
+def python_version_tested() -> str:
+    return re.search(r"^PYTHON \?= python(\d+\.\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def test_both_stages_use_the_python_the_project_tests_on():
+    version = python_version_tested()
+    assert [stage.image for stage in stages()] == [f"python:{version}-slim-bookworm"] * 2
+    assert f"python:{version}" in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+
+
+def test_only_the_serving_set_is_installed():
+    builder, runtime = stages()
+    requirement_files = set(re.findall(r"requirements/[\w.-]+", "\n".join(args for _, args in builder.instructions)))
+    assert requirement_files == {"requirements/serve.txt"}
+    installs = [args for args in builder.args("RUN") if "pip install" in args]
+    assert any("-r requirements/serve.txt" in args for args in installs)
+    assert any("--no-deps ." in args for args in installs), "the package must not pull dependencies past the lock"
+    assert not [args for args in runtime.args("RUN") if "pip" in args or "requirements" in args]
+
+
+def test_serving_set_has_no_research_packages():
+    pinned = {line.split("==")[0].strip().lower() for line in (ROOT / "requirements" / "serve.txt").read_text().splitlines()
+              if "==" in line and not line.lstrip().startswith("#")}
+    assert pinned, "requirements/serve.txt pins nothing"
+    assert not {name for name in pinned if name.startswith(RESEARCH_PACKAGES)}
+
+
+def test_runtime_stage_holds_the_venv_and_the_bundle_only():
+    builder, runtime = stages()
+    copies = runtime.copies()
+    assert ([f"--from={builder.name}"], ["/opt/venv"], "/opt/venv") in copies
+    local_sources = {src.rstrip("/") for flags, sources, _ in copies if not flags for src in sources}
+    assert local_sources == {"models/catdog", "params.yaml"}
+
+
+def test_runtime_stage_runs_catdog_serve_as_a_non_root_user():
+    runtime = stages()[-1]
+    (user,) = runtime.args("USER")
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), "a numeric UID lets Kubernetes verify runAsNonRoot"
+    assert json.loads(runtime.args("ENTRYPOINT")[0]) == ["catdog", "serve"]
+    assert runtime.args("EXPOSE") == ["8000"]
+    cmd = json.loads(runtime.args("CMD")[0])
+    assert cmd[cmd.index("--port") + 1] == "8000"
+    (healthcheck,) = runtime.args("HEALTHCHECK")
+    assert "http://127.0.0.1:8000/health" in healthcheck and "urllib.request" in healthcheck
+    assert "curl" not in healthcheck and "wget" not in healthcheck  # neither exists in the slim image
+
+
+def runtime_env() -> dict[str, str]:
+    env = {}
+    for args in stages()[-1].args("ENV"):
+        env.update(dict(word.split("=", 1) for word in args.split()))
+    return env
+
+
+def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
+    "Docker's own .dockerignore matching (docker-py) on a tree shaped like a working copy after `make pipeline`."
+    for name in ("data/raw/cat/cat.0.jpg", "data/split.csv", "data/features/deep.parquet", ".venv/bin/python",
+                 "mlruns/0/meta.yaml", "mlflow.db", "mlartifacts/1/model.pkl", "nbs/00_core.ipynb",
+                 "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
+                 "models/backbone.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py",
+                 "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/dev.txt",
+                 "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    context = {p for p in exclude_paths(str(tmp_path), patterns, dockerfile="Dockerfile") if (tmp_path / p).is_file()}
+    copied = {src.rstrip("/") for stage in stages() for flags, sources, _ in stage.copies() if not flags for src in sources}
+    expected = {"Dockerfile", "catdog_nb/__init__.py", "models/catdog/MLmodel"} | (copied - {"catdog_nb", "models/catdog"})
+    assert context == expected
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------------
+
+MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_kubernetes_manifests_validate():
+    "Every manifest against the offline JSON schemas of Kubernetes K8S_VERSION, unknown fields rejected (--strict)."
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(K8S / name for name in MANIFESTS))
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    for name in MANIFESTS:
+        assert re.search(rf"^INFO \S*k8s/{re.escape(name)} passed ", report, re.M), report
+
+
+def test_kubernetes_validate_rejects_a_mistyped_field(tmp_path):
+    "Strict mode is on: a misspelt field (replica) fails, so the passes above mean something."
+    deployment = load_yaml(K8S / "deployment.yaml")
+    deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(deployment))
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, tmp_path / "bad.yaml")
+    assert result.returncode != 0 and "replica" in result.stdout + result.stderr
+
+
+def test_kustomization_lists_every_manifest():
+    assert sorted(load_yaml(K8S / "kustomization.yaml")["resources"]) == MANIFESTS
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    return {p.stem: load_yaml(p) for p in K8S.glob("*.yaml")}
+
+
+def container(k8s) -> dict:
+    (c,) = k8s["deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_deployment_probes_and_replicas(k8s):
+    c = container(k8s)
+    assert k8s["deployment"]["spec"]["replicas"] == 2
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"
+    (port,) = c["ports"]
+    assert port["containerPort"] == 8000 and c["args"][c["args"].index("--port") + 1] == "8000"
+    assert all(c[probe]["httpGet"]["port"] == port["name"] for probe in ("livenessProbe", "readinessProbe", "startupProbe"))
+
+
+def test_deployment_runs_locked_down(k8s):
+    pod = k8s["deployment"]["spec"]["template"]["spec"]
+    c = container(k8s)
+    image_uid = int(stages()[-1].args("USER")[0].split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == image_uid
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert set(c["resources"][kind]) == {"cpu", "memory"}
+    # The only writable places are emptyDirs: /tmp and the prometheus-client multi-process directory.
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert set(mounts.values()) <= empty_dirs
+    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    assert set(mounts) == {"/tmp", env["PROMETHEUS_MULTIPROC_DIR"]}
+
+
+def test_deployment_is_scraped_and_configured(k8s):
+    pod = k8s["deployment"]["spec"]["template"]
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == container(k8s)["ports"][0]["containerPort"]
+    assert container(k8s)["envFrom"] == [{"configMapRef": {"name": k8s["configmap"]["metadata"]["name"]}}]
+
+
+def test_configmap_holds_the_catdog_settings_with_the_image_defaults(k8s):
+    settings = k8s["configmap"]["data"]
+    assert settings and all(key.startswith("CATDOG_") for key in settings)
+    assert all(isinstance(value, str) for value in settings.values())
+    image_defaults = {k: v for k, v in runtime_env().items() if k.startswith("CATDOG_") and k != "CATDOG_ROOT"}
+    assert settings == image_defaults
+
+
+def test_service_hpa_and_pdb_point_at_the_deployment(k8s):
+    deployment = k8s["deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert k8s["service"]["spec"]["selector"].items() <= pod_labels.items()
+    assert k8s["service"]["spec"]["ports"][0]["targetPort"] == container(k8s)["ports"][0]["name"]
+    target = k8s["hpa"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert k8s["hpa"]["spec"]["minReplicas"] == deployment["spec"]["replicas"]
+    assert [m["resource"]["name"] for m in k8s["hpa"]["spec"]["metrics"]] == ["cpu"]
+    assert k8s["pdb"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert k8s["pdb"]["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+# --- Prometheus -----------------------------------------------------------------------------------------------------
+
+def test_prometheus_config_is_valid():
+    result = run(system_tool("promtool"), "check", "config", "prometheus-local.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+
+
+def test_prometheus_config_scrapes_the_local_service_with_the_alert_rules():
+    config = load_yaml(ROOT / "prometheus-local.yml")
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "catdog" and job["static_configs"] == [{"targets": ["127.0.0.1:8000"]}]
+    assert [(ROOT / f).resolve() for f in config["rule_files"]] == [ALERTS.resolve()]
+
+
+def test_alert_rules_are_valid():
+    result = run(system_tool("promtool"), "check", "rules", ALERTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {rule["alert"] for rule in alert_rules()} == {"CatdogDown", "CatdogHighErrorRatio", "CatdogHighLatencyP95"}
+
+
+def test_alert_rules_fire_on_synthetic_series():
+    "promtool's rule unit tests (deployment/monitoring/alerts-test.yml): each alert fires when it should and only then."
+    result = run(system_tool("promtool"), "test", "rules", ALERTS.parent / "alerts-test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Grafana and PromQL ---------------------------------------------------------------------------------------------
+
+def test_metric_names_reads_selectors_only():
+    assert metric_names('sum by (le) (rate(a_bucket{route=~"/p(x)", q="}"}[5m] offset 1h)) / on(instance) group_left b'
+                        ' > 1e3 and vector(0) or label_replace(c, "d", "$1", "e", "(.*)")') == {"a_bucket", "b", "c"}
+    assert metric_names("histogram_quantile(0.95, sum without (pod) (rate(x:y_bucket[1m])))") == {"x:y_bucket"}
+
+
+def test_dashboard_panels_query_prometheus():
+    board = dashboard()
+    assert [i["name"] for i in board["__inputs"]] == ["DS_PROMETHEUS"] and board["uid"] and board["schemaVersion"] >= 36
+    (variable,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus"
+    datasource = {"type": "prometheus", "uid": "${%s}" % variable["name"]}
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    assert {p["datasource"]["uid"] for p in board["panels"]} == {datasource["uid"]}
+    targets = dashboard_targets()
+    assert targets
+    for title, target in targets:
+        assert target.get("expr", "").strip(), f"panel {title!r} has a target without expr"
+        assert target["datasource"] == datasource and target["refId"]
+
+
+def test_dashboard_covers_what_the_issue_asks():
+    panels = dashboard()["panels"]
+    joined = "\n".join(t["expr"] for _, t in dashboard_targets())
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(catdog_request_duration_seconds_bucket" in joined
+    assert 'status=~"5.."' in joined and "sum by (label) (rate(catdog_predictions_total" in joined
+    assert any(p["type"] == "heatmap" and "catdog_prediction_confidence_bucket" in p["targets"][0]["expr"] for p in panels)
+    assert any(p["type"] == "stat" and "catdog_model_info" in p["targets"][0]["expr"] for p in panels)
+    used = set().union(*(metric_names(t["expr"]) for _, t in dashboard_targets()))
+    for name, kind in SERVICE_METRICS.items():
+        assert {name, name + "_bucket"} & used, f"no panel shows {name}"
+
+
+@pytest.mark.parametrize("source,expr", [*((f"panel {title!r}", t["expr"]) for title, t in dashboard_targets()),
+                                         *((f"alert {r['alert']}", r["expr"]) for r in alert_rules())])
+def test_promql_uses_only_the_service_metrics(source, expr):
+    names = metric_names(expr)
+    assert names, f"{source} selects no metric"
+    assert names <= SERIES_NAMES, f"{source} uses unknown metrics {names - SERIES_NAMES}"
+
+
+# --- GitHub Actions -------------------------------------------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+
+
+@pytest.mark.parametrize("schema", ["vendor.github-workflows", "custom.github-workflows-require-timeout"])
+def test_workflow_matches_the_github_schema(schema):
+    result = run(BIN / "check-jsonschema", "--builtin-schema", schema, WORKFLOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_workflow_tests_then_builds_and_smoke_tests_the_image():
+    jobs = load_yaml(WORKFLOW)["jobs"]
+    test_steps = " ".join(step.get("run", "") for step in jobs["test"]["steps"])
+    assert "make test" in test_steps and "hadolint" in test_steps and "kubernetes" in test_steps
+    assert jobs["image"]["needs"] == "test"
+    image_steps = " ".join(step.get("run", "") for step in jobs["image"]["steps"])
+    assert "docker build" in image_steps
+    assert "http://127.0.0.1:8000/health" in image_steps and "http://127.0.0.1:8000/predict" in image_steps
