@@ -70,3 +70,32 @@ export: $(VENV)/.pipeline
 # package registry ships; nbconvert renders the same notebook to the same Markdown).
 readme: $(VENV)/.pipeline
 	$(BIN)/jupyter nbconvert --to markdown --log-level WARN --output-dir . --output README nbs/index.ipynb
+
+# The MLflow UI on the tracking store the pipeline writes to: $MLFLOW_TRACKING_URI when set, else the embedded
+# one (mlflow.db at the root, artifacts in mlartifacts/). MLFLOW_PORT=5000 by default, on loopback only.
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(VENV)/.pipeline
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db) --default-artifact-root $(CURDIR)/mlartifacts
+
+# The service (catdog serve, uvicorn) on the pipeline's bundle; CATDOG_* variables set its limits (README).
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+SERVE_WORKERS ?= 1
+CATDOG_MODEL_URI ?= models/catdog
+serve: $(VENV)/.pipeline
+	@[ -n "$(filter models:/%,$(CATDOG_MODEL_URI))" ] || [ -f $(CATDOG_MODEL_URI)/bundle.json ] || \
+	  { echo "no model bundle at $(CATDOG_MODEL_URI): run 'make pipeline' first"; exit 1; }
+	CATDOG_MODEL_URI=$(CATDOG_MODEL_URI) $(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
+
+# Feature-extraction images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
+# Run it on a quiet machine: it prints the load average. Options: make bench-features BENCH_ARGS="--n 960 --sets deep"
+bench-features: $(VENV)/.pipeline data/raw
+	@[ -f data/split.csv ] && [ -f models/backbone.onnx ] || $(BIN)/dvc repro split backbone
+	$(BIN)/python -c "from catdog_nb.features import bench_main; bench_main()" $(BENCH_ARGS)
+
+# Service throughput at concurrency 8 vs in-process Classifier throughput on the same 200 photos, idle latency.
+# Run it on a quiet machine: it prints the load average it started with.
+bench-serve: $(VENV)/.pipeline data/raw
+	@[ -f $(CATDOG_MODEL_URI)/bundle.json ] || { echo "no model bundle at $(CATDOG_MODEL_URI): run 'make pipeline' first"; exit 1; }
+	$(BIN)/python -c "from catdog_nb.service import bench_serve; bench_serve('$(CATDOG_MODEL_URI)')"

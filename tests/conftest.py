@@ -1,0 +1,67 @@
+"""Session fixtures shared by the service, predict and monitoring tests.
+
+`model_bundle` is a real bundle: helper functions of the pipeline itself (`convert_backbone`, `FeatureExtractor` via
+`tiny_bundle`, `save_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
+having run. `server` is the real `catdog serve` on a loopback port, serving that bundle.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from servers import free_port, running
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PHOTOS_PER_CLASS = 100  # the training sample of `model_bundle`
+BUNDLE_FEATURE_SETS = ["deep"]
+
+
+def photo_sample(per_class: int, skip: int = 0) -> list[Path]:
+    "Real photos from data/raw: per class, `per_class` of them after the first `skip`, by sorted name."
+    raw = ROOT / "data" / "raw"
+    return [p for label in ("cat", "dog") for p in sorted((raw / label).glob("*.jpg"))[skip:skip + per_class]]
+
+
+@pytest.fixture(scope="session")
+def training_photos() -> list[Path]:
+    photos = photo_sample(PHOTOS_PER_CLASS)
+    if len(photos) < 2 * PHOTOS_PER_CLASS: pytest.fail("data/raw is missing: run `make data/raw` (dvc pull)")
+    return photos
+
+
+@pytest.fixture(scope="session")
+def unseen_photos() -> list[Path]:
+    "Photos that `model_bundle` was not trained on (10 per class)."
+    return photo_sample(10, skip=PHOTOS_PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def backbone_onnx(tmp_path_factory) -> Path:
+    "The backbone converted from the pip-shipped weights (a few seconds), as the `backbone` stage does."
+    from catdog_nb.backbone import convert_backbone
+    from catdog_nb.core import load_params
+    variant = load_params()["backbone"]["variant"]
+    return convert_backbone(variant, tmp_path_factory.mktemp("backbone") / "backbone.onnx")
+
+
+@pytest.fixture(scope="session")
+def model_bundle(tmp_path_factory, training_photos, backbone_onnx) -> Path:
+    "A real model bundle folder trained on `training_photos` with the deep feature set."
+    from catdog_nb.core import load_params
+    from catdog_nb.train import tiny_bundle
+    out = tmp_path_factory.mktemp("bundle") / "catdog"
+    return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbone_onnx)
+
+
+@pytest.fixture(scope="session")
+def server(model_bundle, tmp_path_factory):
+    "`catdog serve` on 127.0.0.1 and a free port with the `model_bundle`; entered once /ready answers 200."
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_bundle)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with running([BIN / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=ROOT,
+                 ready_url=f"http://127.0.0.1:{port}/ready", log=tmp / "server.log", timeout=180) as proc:
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "process": proc, "log": tmp / "server.log"}
