@@ -19,8 +19,8 @@ from .core import get_logger, load_params, project_root
 # %% auto #0
 __all__ = ['DEFAULT_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS', 'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError',
            'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError', 'ImageHeader', 'read_header',
-           'decode_image', 'read_image', 'ImageRecord', 'scan_dataset', 'assign_splits', 'duplicate_report',
-           'write_manifest', 'read_manifest']
+           'decode_image', 'read_image', 'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits',
+           'duplicate_report', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/01_data.ipynb #ffea0caf
 class ImageError(ValueError):
@@ -162,6 +162,11 @@ def scan_dataset(raw_dir: Path | str, root: Path | str | None = None, threads: i
                    if p.suffix.lower() in IMAGE_SUFFIXES)
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda f: _check_file(f[0], f[1], root), files))
+
+def sample_photos(per_class: int, skip: int = 0, raw_dir: Path | str | None = None) -> list[Path]:
+    "A fixed sample of real photos: per class folder, `per_class` files after the first `skip`, by name."
+    raw_dir = Path(raw_dir) if raw_dir else project_root() / load_params()["data"]["raw_dir"]
+    return [p for d in sorted(d for d in raw_dir.iterdir() if d.is_dir()) for p in sorted(d.iterdir())[skip:skip + per_class]]
 
 # %% ../nbs/01_data.ipynb #bde9241a
 SPLITS = ("train", "val", "test")

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from .backbone import BACKBONE_INPUT_SIZES, backbone_blob, center_square, load_backbone, run_backbone
 from .core import get_logger, load_params, project_root
-from .data import ImageError, decode_image, read_manifest
+from .data import ImageError, decode_image, read_manifest, sample_photos
 
 # %% auto #0
 __all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',
@@ -380,10 +380,9 @@ def write_tables(result: ExtractionResult, out_dir: Path | str) -> list[Path]:
 
 # %% ../nbs/02_features.ipynb #4bf71bed
 def _bench_sample(raw_dir: Path, n: int, root: Path) -> list[dict]:
-    "The first `n // classes` photos of each class folder, by name: a fixed sample that needs no pipeline output."
-    classes = sorted(d for d in raw_dir.iterdir() if d.is_dir())
-    paths = [p for d in classes for p in sorted(d.iterdir())[:n // len(classes)]]
-    return [{"path": p.relative_to(root).as_posix(), "md5": hashlib.md5(p.read_bytes()).hexdigest()} for p in paths]
+    "`n` photos, half of each class, first by name: a fixed sample that needs no pipeline output."
+    return [{"path": p.relative_to(root).as_posix(), "md5": hashlib.md5(p.read_bytes()).hexdigest()}
+            for p in sample_photos(n // 2, raw_dir=raw_dir)]  # two classes
 
 def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None,
                    params: dict | None = None, root: Path | str | None = None) -> list[dict]:

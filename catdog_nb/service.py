@@ -27,7 +27,7 @@ from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Sche
 from litestar.plugins.problem_details import ProblemDetailsException, ProblemDetailsPlugin
 from . import __version__
 from .core import get_logger
-from .data import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError
+from .data import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, sample_photos
 from .predict import DEFAULT_MODEL_URI, Classifier, Prediction
 
 # %% auto #0
@@ -35,8 +35,7 @@ __all__ = ['LATENCY_BUCKETS', 'KNOWN_METHODS', 'PROBLEM_JSON', 'PAGE_HTML', 'Set
            'RequestMetrics', 'MicroBatcher', 'Problem', 'problem', 'image_error_status', 'image_from_json',
            'media_type_of', 'read_form', 'read_part', 'image_bytes', 'PredictResult', 'BatchItem', 'BatchResult',
            'Health', 'Readiness', 'predict', 'predict_batch', 'health', 'ready', 'metrics', 'page', 'ServiceState',
-           'create_app', 'app_from_env', 'bench_photos', 'in_process_throughput', 'drive_service', 'bench_client',
-           'bench_serve']
+           'create_app', 'app_from_env', 'in_process_throughput', 'drive_service', 'bench_client', 'bench_serve']
 
 # %% ../nbs/07_service.ipynb #d582c34f
 @dataclass(frozen=True)
@@ -551,12 +550,6 @@ def app_from_env() -> Litestar:
     return create_app(Settings.from_env())
 
 # %% ../nbs/07_service.ipynb #e13e4f8b
-def bench_photos(root: Path | None = None, per_class: int = 100) -> list[Path]:
-    "A fixed sample of real photos: the first `per_class` of each class in `data/raw` by sorted name."
-    from catdog_nb.core import project_root
-    raw = Path(root or project_root()) / "data" / "raw"
-    return [p for label in ("cat", "dog") for p in sorted((raw / label).glob("*.jpg"))[:per_class]]
-
 def in_process_throughput(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2) -> float:
     "Images per second of `Classifier.predict_bytes` on `blobs` in batches of `batch_size` (after a warm-up batch)."
     classifier = Classifier.load(model_uri, batch_size=batch_size)
@@ -625,7 +618,7 @@ def bench_serve(model_uri: str | Path = DEFAULT_MODEL_URI, concurrency: int = 8,
                 idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> dict:
     "Run the whole benchmark (see above), print its figures and return them."
     import socket, subprocess, sys, tempfile
-    photos = bench_photos(per_class=per_class)
+    photos = sample_photos(per_class)
     blobs = [p.read_bytes() for p in photos]
     load_before = os.getloadavg()
     in_process = in_process_throughput(model_uri, blobs, batch_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from catdog_nb.data import sample_photos
 from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,15 +19,9 @@ PHOTOS_PER_CLASS = 100  # the training sample of `model_bundle`
 BUNDLE_FEATURE_SETS = ["deep"]
 
 
-def photo_sample(per_class: int, skip: int = 0) -> list[Path]:
-    "Real photos from data/raw: per class, `per_class` of them after the first `skip`, by sorted name."
-    raw = ROOT / "data" / "raw"
-    return [p for label in ("cat", "dog") for p in sorted((raw / label).glob("*.jpg"))[skip:skip + per_class]]
-
-
 @pytest.fixture(scope="session")
 def training_photos() -> list[Path]:
-    photos = photo_sample(PHOTOS_PER_CLASS)
+    photos = sample_photos(PHOTOS_PER_CLASS)
     if len(photos) < 2 * PHOTOS_PER_CLASS: pytest.fail("data/raw is missing: run `make data/raw` (dvc pull)")
     return photos
 
@@ -34,7 +29,7 @@ def training_photos() -> list[Path]:
 @pytest.fixture(scope="session")
 def unseen_photos() -> list[Path]:
     "Photos that `model_bundle` was not trained on (10 per class)."
-    return photo_sample(10, skip=PHOTOS_PER_CLASS)
+    return sample_photos(10, skip=PHOTOS_PER_CLASS)
 
 
 @pytest.fixture(scope="session")
