@@ -89,9 +89,9 @@ serve: $(VENV)/.pipeline
 	CATDOG_MODEL_URI=$(CATDOG_MODEL_URI) $(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
 
 # Feature-extraction images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
-# Run it on a quiet machine: it prints the load average. Options: make bench-features BENCH_ARGS="--n 960 --sets deep"
+# Run it on a quiet machine: it prints the load average. Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
 bench-features: $(VENV)/.pipeline data/raw
-	@[ -f data/split.csv ] && [ -f models/backbone.onnx ] || $(BIN)/dvc repro split backbone
+	@[ -f data/split.csv ] && [ -d models/backbones ] || $(BIN)/dvc repro split backbone
 	$(BIN)/python -c "from catdog_nb.features import bench_main; bench_main()" $(BENCH_ARGS)
 
 # Service throughput at concurrency 8 vs in-process Classifier throughput on the same 200 photos, idle latency.

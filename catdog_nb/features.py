@@ -1,5 +1,5 @@
-"""Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the `deep` ImageNet
-embedding run by `cv2.dnn`; one `FeatureExtractor` shared by training, evaluation and the service; the
+"""Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the ImageNet
+embedding of an EfficientNet-Lite backbone run by `cv2.dnn` (sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and the service; the
 parallel, md5-cached dataset extraction (DVC stage `features`) and its benchmark (`make bench-features`).
 
 Docs: https://catdog.github.io/catdog/features.html.md"""
@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import cv2
 import numpy as np
-from .backbone import BACKBONE_INPUT_SIZES, backbone_blob, center_square, load_backbone, run_backbone
+from .backbone import BACKBONE_DIR, BACKBONE_INPUT_SIZES, backbone_blob, backbone_path, center_square, load_backbone, run_backbone
 from .core import get_logger, load_params, project_root
 from .data import ImageError, decode_image, read_manifest, sample_photos
 
 # %% auto #0
-__all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',
+__all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'settings_group',
            'FeatureSettingsError', 'resolve_settings', 'check_sets', 'lbp_codes', 'grid_histograms',
            'ClassicDescriptors', 'FeatureExtractor', 'FeatureCache', 'ExtractionResult', 'extract_features',
            'write_tables', 'bench_features', 'bench_main']
 
 # %% ../nbs/02_features.ipynb #800eb0ba
-FEATURE_SETS = ("classic", "deep")
+FEATURE_SETS = ("classic", *BACKBONE_INPUT_SIZES)  # the classic descriptors, or the embedding of one backbone variant
 FEATURES_VERSION = 1  # bump when the extraction code changes what it computes: invalidates every cache
 
 DEFAULT_SETTINGS = {
@@ -39,19 +39,23 @@ DEFAULT_SETTINGS = {
         "gabor_orientations": 8,
         "gabor_wavelengths": [4.0, 8.0],  # pixels, on the `size` square
     },
-    "deep": {
+    "deep": {                    # every backbone set (lite0, lite1, lite2)
         "flip": False,           # average the embedding with the horizontally flipped image's
     },
 }
+
+def settings_group(feature_set: str) -> str:
+    "The `DEFAULT_SETTINGS` group of a feature set: `classic`, or `deep` for each backbone's embedding."
+    return "classic" if feature_set == "classic" else "deep"
 
 class FeatureSettingsError(ValueError):
     "Unknown feature set or setting, or a value of the wrong kind."
 
 def resolve_settings(settings: dict | None = None) -> dict:
-    "`DEFAULT_SETTINGS` updated with `settings` (`{set: {key: value}}`); unknown sets or keys raise."
+    "`DEFAULT_SETTINGS` updated with `settings` (`{group: {key: value}}`); unknown groups or keys raise."
     out = json.loads(json.dumps(DEFAULT_SETTINGS))  # deep copy
     for set_name, values in (settings or {}).items():
-        if set_name not in out: raise FeatureSettingsError(f"unknown feature set {set_name!r}; known: {list(out)}")
+        if set_name not in out: raise FeatureSettingsError(f"unknown settings group {set_name!r}; known: {list(out)}")
         for key, value in (values or {}).items():
             if key not in out[set_name]:
                 raise FeatureSettingsError(f"unknown setting {set_name}.{key}; known: {sorted(out[set_name])}")
@@ -154,40 +158,39 @@ def _md5_file(path: Path | str) -> str:
 
 class FeatureExtractor:
     "Decoded BGR uint8 images -> float32 feature rows of the selected `sets`; the one path every caller uses."
-    def __init__(self, sets=("classic", "deep"), settings: dict | None = None, backbone_path: Path | str | None = None,
-                 backbone_variant: str = "lite0", batch_size: int = 16):
+    def __init__(self, sets=("classic",), settings: dict | None = None, backbones: dict | None = None, batch_size: int = 16):
+        "`backbones` maps each backbone set of `sets` (e.g. `lite2`) to its converted ONNX file."
         self.sets, self.settings = check_sets(sets), resolve_settings(settings)
         if batch_size < 1: raise FeatureSettingsError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.backbone_variant = int(batch_size), backbone_variant
-        self.backbone_path = Path(backbone_path) if backbone_path is not None else None
+        self.batch_size = int(batch_size)
+        self.backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in self.sets}
         self._lock = threading.Lock()
         self._classic = ClassicDescriptors(self.settings["classic"]) if "classic" in self.sets else None
-        self._net = None
-        if "deep" in self.sets:
-            if backbone_variant not in BACKBONE_INPUT_SIZES:
-                raise FeatureSettingsError(f"unknown backbone variant {backbone_variant!r}; known: {sorted(BACKBONE_INPUT_SIZES)}")
-            if self.backbone_path is None or not self.backbone_path.is_file():
-                raise FileNotFoundError(f"the deep set needs the backbone ONNX file; not found: {self.backbone_path} (run `dvc repro backbone`)")
-            self.input_size = BACKBONE_INPUT_SIZES[backbone_variant]
-            self._net = load_backbone(self.backbone_path)
-        self.dims = {"classic": self._classic.dim if self._classic else 0, "deep": EMBEDDING_DIM}
+        self._nets, self._backbone_md5 = {}, {}
+        for s in self.sets:
+            if s == "classic": continue
+            if s not in self.backbones or not self.backbones[s].is_file():
+                raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone`)")
+            self._nets[s] = load_backbone(self.backbones[s])
+        self.dims = {s: self._classic.dim if s == "classic" else EMBEDDING_DIM for s in self.sets}
 
     @classmethod
     def from_params(cls, params: dict | None = None, sets=None, root: Path | str | None = None, **overrides) -> FeatureExtractor:
         "The extractor `params.yaml` describes (`features` and `backbone` sections); `sets`/keyword overrides win."
         params = params or load_params()
         root = Path(root or project_root())
-        f, b = params.get("features", {}), params.get("backbone", {})
-        kwargs = dict(sets=sets or f.get("sets", FEATURE_SETS), settings={k: f[k] for k in FEATURE_SETS if k in f},
-                      backbone_path=root / b.get("path", "models/backbone.onnx"),
-                      backbone_variant=b.get("variant", "lite0"), batch_size=f.get("batch_size", 16))
+        f = params.get("features", {})
+        sets = check_sets(sets or f.get("sets", FEATURE_SETS[:1]))
+        directory = root / params.get("backbone", {}).get("dir", BACKBONE_DIR)
+        kwargs = dict(sets=sets, settings={k: f[k] for k in DEFAULT_SETTINGS if k in f}, batch_size=f.get("batch_size", 16),
+                      backbones={s: backbone_path(s, directory) for s in sets if s != "classic"})
         return cls(**{**kwargs, **overrides})
 
     @property
     def init_args(self) -> dict:
         "The constructor's arguments (JSON-serialisable): enough to rebuild this extractor in a worker or a model bundle."
-        return dict(sets=list(self.sets), settings=self.settings, backbone_path=str(self.backbone_path) if self.backbone_path else None,
-                    backbone_variant=self.backbone_variant, batch_size=self.batch_size)
+        return dict(sets=list(self.sets), settings=self.settings, backbones={s: str(p) for s, p in self.backbones.items()},
+                    batch_size=self.batch_size)
 
     @property
     def feature_names(self) -> list[str]:
@@ -195,21 +198,22 @@ class FeatureExtractor:
 
     def fingerprint(self, set_name: str) -> str:
         "Hash of everything that determines `set_name`'s values: code version, settings, backbone file."
-        key = {"version": FEATURES_VERSION, "set": set_name, "settings": self.settings[set_name]}
-        if set_name == "deep":
-            if not hasattr(self, "_backbone_md5"): self._backbone_md5 = _md5_file(self.backbone_path)
-            key |= {"backbone_md5": self._backbone_md5, "variant": self.backbone_variant}
+        group = settings_group(set_name)
+        key = {"version": FEATURES_VERSION, "set": group, "settings": self.settings[group]}
+        if group == "deep":
+            if set_name not in self._backbone_md5: self._backbone_md5[set_name] = _md5_file(self.backbones[set_name])
+            key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _deep(self, images: list[np.ndarray]) -> np.ndarray:
+    def _deep(self, images: list[np.ndarray], variant: str) -> np.ndarray:
         out = np.empty((len(images), EMBEDDING_DIM), np.float32)
-        flip = self.settings["deep"]["flip"]
+        flip, net, size = self.settings["deep"]["flip"], self._nets[variant], BACKBONE_INPUT_SIZES[variant]
         for i in range(0, len(images), self.batch_size):
             batch = images[i:i + self.batch_size]
             # The mirror images go through the same preprocessing (flipping the blob instead is not the same:
             # upscaling with INTER_AREA is not mirror-symmetric).
             if flip: batch = batch + [cv2.flip(image, 1) for image in batch]
-            _, embedding = run_backbone(self._net, backbone_blob(batch, self.input_size))
+            _, embedding = run_backbone(net, backbone_blob(batch, size))
             n = len(embedding) // 2 if flip else len(embedding)
             out[i:i + n] = (embedding[:n] + embedding[n:]) / 2 if flip else embedding
         return out
@@ -227,7 +231,7 @@ class FeatureExtractor:
             for s in sets:
                 if not images: out[s] = np.empty((0, self.dims[s]), np.float32)
                 elif s == "classic": out[s] = np.stack([self._classic(image) for image in images])
-                else: out[s] = self._deep(images)
+                else: out[s] = self._deep(images, s)
         return out
 
     def transform(self, images: list[np.ndarray]) -> np.ndarray:
@@ -386,12 +390,12 @@ def _bench_sample(raw_dir: Path, n: int, root: Path) -> list[dict]:
 
 def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None,
                    params: dict | None = None, root: Path | str | None = None) -> list[dict]:
-    "Throughput of each feature set (and all together) on 1 process and on `workers` (0 = all cores)."
+    "Throughput of each of `sets` (default: the served ones, `train.feature_sets`) and of all together, on 1 process and on `workers` (0 = all cores)."
     root = Path(root or project_root())
     params = params or load_params()
     rows = _bench_sample(root / params["data"]["raw_dir"], n, root)
     workers = workers or _default_workers()
-    sets = check_sets(sets or params.get("features", {}).get("sets", FEATURE_SETS))
+    sets = check_sets(sets or params["train"]["feature_sets"])
     variants = [(s,) for s in sets] + ([sets] if len(sets) > 1 else [])
     results = []
     for variant in variants:
@@ -415,7 +419,7 @@ def bench_main(argv: list[str] | None = None) -> None:
     "CLI of `make bench-features`: prints a Markdown table."
     p = argparse.ArgumentParser(description="Feature-extraction throughput, including JPEG decode.")
     p.add_argument("--n", type=int, default=480, help="photos in the sample")
-    p.add_argument("--sets", default=None, help="comma-separated sets (default: params.yaml features.sets)")
+    p.add_argument("--sets", default=None, help="comma-separated sets (default: the served ones, params.yaml train.feature_sets)")
     p.add_argument("--workers", type=int, default=0, help="processes for the all-cores run (0 = all cores)")
     p.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
     a = p.parse_args(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from .core import get_logger, project_root
 from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .features import FEATURE_SETS, FeatureExtractor
+from .features import DEFAULT_SETTINGS, FeatureExtractor
 
 # %% auto #0
 __all__ = ['BUNDLE_FILE', 'DEFAULT_MODEL_URI', 'BundleError', 'resolve_bundle', 'read_bundle_meta', 'Prediction', 'Classifier',
@@ -56,12 +56,12 @@ def read_bundle_meta(path: Path) -> dict:
     "`bundle.json` of the bundle folder `path`, checked for the keys `Classifier` needs."
     try: meta = json.loads((path / BUNDLE_FILE).read_text())
     except (OSError, ValueError) as e: raise BundleError(f"{path / BUNDLE_FILE}: {e}") from e
-    missing = {"version", "classes", "feature_sets", "features", "booster"} - set(meta)
+    missing = {"version", "classes", "feature_sets", "features", "booster", "backbones"} - set(meta)
     if missing: raise BundleError(f"{path / BUNDLE_FILE} lacks {sorted(missing)}")
     if len(meta["classes"]) != 2: raise BundleError(f"expected two classes, got {meta['classes']}")
     if not (path / meta["booster"]).is_file(): raise BundleError(f"booster file {path / meta['booster']} is missing")
-    if meta.get("backbone") and not (path / meta["backbone"]["file"]).is_file():
-        raise BundleError(f"backbone file {path / meta['backbone']['file']} is missing")
+    for file in meta["backbones"].values():
+        if not (path / file).is_file(): raise BundleError(f"backbone file {path / file} is missing")
     return meta
 
 # %% ../nbs/05_predict.ipynb #76dc545c
@@ -103,11 +103,10 @@ class Classifier:
         path = resolve_bundle(uri)
         meta = read_bundle_meta(path)
         booster = lgb.Booster(model_file=str(path / meta["booster"]))
-        backbone = meta.get("backbone") or {}
-        # the bundle's settings may carry pipeline keys (workers, cache_dir, ...): the extractor takes those of its sets
-        settings = {name: values for name, values in meta["features"].items() if name in FEATURE_SETS}
-        extractor = FeatureExtractor(meta["feature_sets"], settings, path / backbone["file"] if backbone else None,
-                                     backbone.get("variant") or "lite0", batch_size=batch_size)
+        # the bundle's settings may carry pipeline keys (workers, cache_dir, ...): the extractor takes its settings groups
+        settings = {name: values for name, values in meta["features"].items() if name in DEFAULT_SETTINGS}
+        backbones = {s: path / file for s, file in meta["backbones"].items()}
+        extractor = FeatureExtractor(meta["feature_sets"], settings, backbones, batch_size=batch_size)
         get_logger(__name__).info("loaded model %s version %s from %s", meta.get("name", "catdog"), meta["version"], uri)
         return cls(path, meta, booster, extractor, batch_size, max_pixels)
 

@@ -14,15 +14,16 @@ import numpy as np
 import pandas as pd
 import yaml
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+from .backbone import BACKBONE_INPUT_SIZES, backbone_path
 from .core import get_logger, load_params, project_root
 from .data import SPLITS
 
 # %% auto #0
-__all__ = ['CLASSES', 'LGB_KEYS', 'BUNDLE_NAME', 'BOOSTER_FILE', 'BACKBONE_FILE', 'CLASSIC_SETS', 'EXPERIMENT', 'RUN_ID_MARK',
-           'FeatureTableError', 'feature_columns', 'load_dataset', 'split_xy', 'synthetic_feature_tables',
-           'expected_calibration_error', 'classification_metrics', 'lgb_params', 'train_booster', 'predict_proba',
-           'model_text', 'bundle_version', 'save_bundle', 'feature_settings', 'read_bundle', 'data_version',
-           'git_state', 'mlflow_setup', 'run_ids_in_notebook', 'log_executed_notebook', 'tiny_bundle']
+__all__ = ['CLASSES', 'LGB_KEYS', 'BUNDLE_NAME', 'BOOSTER_FILE', 'EXPERIMENT', 'RUN_ID_MARK', 'FeatureTableError',
+           'feature_columns', 'load_dataset', 'split_xy', 'synthetic_feature_tables', 'expected_calibration_error',
+           'classification_metrics', 'lgb_params', 'train_booster', 'predict_proba', 'model_text', 'bundle_version',
+           'save_bundle', 'feature_settings', 'read_bundle', 'data_version', 'git_state', 'mlflow_setup',
+           'run_ids_in_notebook', 'log_executed_notebook', 'tiny_bundle']
 
 # %% ../nbs/03_train.ipynb #b1113bc0
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -129,8 +130,7 @@ def model_text(booster: lgb.Booster) -> str:
     return booster.model_to_string(num_iteration=booster.best_iteration or None)
 
 # %% ../nbs/03_train.ipynb #78531c5c
-BUNDLE_NAME, BOOSTER_FILE, BACKBONE_FILE = "catdog", "booster.txt", "backbone.onnx"
-CLASSIC_SETS = {"classic"}  # feature sets computed without the backbone
+BUNDLE_NAME, BOOSTER_FILE = "catdog", "booster.txt"
 
 def bundle_version(booster_text: str, settings: dict) -> str:
     "12 hex digits of sha256(model text + settings): the same model with the same settings, the same version."
@@ -139,32 +139,29 @@ def bundle_version(booster_text: str, settings: dict) -> str:
     return digest.hexdigest()[:12]
 
 def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[str], feature_settings: dict,
-                backbone_path: Path | str | None = None, backbone_variant: str | None = None,
-                data_version: str = "", metrics: dict | None = None) -> dict:
-    "Write the model bundle to `out_dir` (replacing what was there); returns its `bundle.json` content."
+                backbones: dict | None = None, data_version: str = "", metrics: dict | None = None) -> dict:
+    "Write the model bundle to `out_dir` (replacing what was there); `backbones`: set -> its ONNX file. Returns `bundle.json`'s content."
     out_dir = Path(out_dir)
-    needs_backbone = bool(set(feature_sets) - CLASSIC_SETS)
-    if needs_backbone and not (backbone_path and Path(backbone_path).is_file()):
-        raise FileNotFoundError(f"feature sets {feature_sets} need the backbone, and {backbone_path} is not a file")
+    backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in feature_sets}
+    missing = [s for s in feature_sets if s in BACKBONE_INPUT_SIZES and not (s in backbones and backbones[s].is_file())]
+    if missing: raise FileNotFoundError(f"feature sets {missing} need their backbone ONNX file; got {backbones}")
     if out_dir.exists(): shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     text = model_text(booster)
     (out_dir / BOOSTER_FILE).write_text(text)
-    backbone = None
-    if needs_backbone:
-        shutil.copyfile(backbone_path, out_dir / BACKBONE_FILE)
-        backbone = {"file": BACKBONE_FILE, "variant": backbone_variant}
-    settings = {"feature_sets": list(feature_sets), "features": feature_settings, "backbone": backbone}
+    for s, path in backbones.items(): shutil.copyfile(path, out_dir / f"{s}.onnx")
+    settings = {"feature_sets": list(feature_sets), "features": feature_settings, "backbones": {s: f"{s}.onnx" for s in backbones}}
     meta = {"name": BUNDLE_NAME, "version": bundle_version(text, settings), "classes": list(CLASSES), **settings,
             "booster": BOOSTER_FILE, "data_version": data_version, "metrics": metrics or {}}
     (out_dir / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 def feature_settings(params: dict, sets: list[str]) -> dict:
-    "The settings of feature sets `sets` (params.yaml `features.<set>` over the defaults), as a bundle stores them."
-    from catdog_nb.features import resolve_settings
-    resolved = resolve_settings({s: params.get("features", {}).get(s) or {} for s in sets})
-    return {s: resolved[s] for s in sets}
+    "The settings groups `sets` use (params.yaml `features.<group>` over the defaults), as a bundle stores them."
+    from catdog_nb.features import resolve_settings, settings_group
+    groups = list(dict.fromkeys(settings_group(s) for s in sets))
+    resolved = resolve_settings({g: params.get("features", {}).get(g) or {} for g in groups})
+    return {g: resolved[g] for g in groups}
 
 def read_bundle(path: Path | str) -> tuple[dict, lgb.Booster]:
     "(`bundle.json`, booster) of a bundle folder."
@@ -224,19 +221,19 @@ def log_executed_notebook(path: Path | str, experiment: str = EXPERIMENT, artifa
 
 # %% ../nbs/03_train.ipynb #1a20d261
 def tiny_bundle(photos: list[Path], out_dir: Path | str, params: dict | None = None, sets: list[str] | None = None,
-                backbone_path: Path | str | None = None, rounds: int = 60) -> Path:
-    "A bundle trained on `photos` (each in a `cat/` or `dog/` folder) with `sets` (default classic only); returns `out_dir`."
+                backbones: dict | None = None, rounds: int = 60) -> Path:
+    "A bundle trained on `photos` (each in a `cat/` or `dog/` folder) with `sets` (default classic only; `backbones` as `save_bundle`'s); returns `out_dir`."
     from catdog_nb.data import read_image
     from catdog_nb.features import FeatureExtractor
     params = params or load_params()
     sets = list(sets or ["classic"])
-    settings, backbone_variant = feature_settings(params, sets), params["backbone"]["variant"]
-    extractor = FeatureExtractor(sets, settings, backbone_path, backbone_variant)
+    settings = feature_settings(params, sets)
+    extractor = FeatureExtractor(sets, settings, backbones)
     X = extractor.transform([read_image(p) for p in photos]).astype(np.float32)
     y = np.array([CLASSES.index(Path(p).parent.name) for p in photos])
     cfg = {**params["train"], "num_boost_round": rounds, "early_stopping_rounds": rounds, "learning_rate": 0.3,
            "min_data_in_leaf": 2, "feature_fraction": 1.0, "bagging_fraction": 1.0, "bagging_freq": 0}
     booster, _ = train_booster(X, y, X, y, cfg, params["seed"], list(extractor.feature_names))
-    save_bundle(out_dir, booster, sets, settings, backbone_path, backbone_variant, data_version="tiny",
+    save_bundle(out_dir, booster, sets, settings, backbones, data_version="tiny",
                 metrics=classification_metrics(y, predict_proba(booster, X)))
     return Path(out_dir)

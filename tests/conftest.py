@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from catdog_nb.backbone import BACKBONE_INPUT_SIZES, backbone_path, convert_backbone
+from catdog_nb.core import load_params
 from catdog_nb.data import sample_photos
 from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PHOTOS_PER_CLASS = 100  # the training sample of `model_bundle`
-BUNDLE_FEATURE_SETS = ["deep"]
+BUNDLE_FEATURE_SETS = load_params()["train"]["feature_sets"]  # what the pipeline serves
 
 
 @pytest.fixture(scope="session")
@@ -33,21 +35,18 @@ def unseen_photos() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def backbone_onnx(tmp_path_factory) -> Path:
-    "The backbone converted from the pip-shipped weights (a few seconds), as the `backbone` stage does."
-    from catdog_nb.backbone import convert_backbone
-    from catdog_nb.core import load_params
-    variant = load_params()["backbone"]["variant"]
-    return convert_backbone(variant, tmp_path_factory.mktemp("backbone") / "backbone.onnx")
+def backbones(tmp_path_factory) -> dict[str, Path]:
+    "The backbones of `BUNDLE_FEATURE_SETS` converted from the pip-shipped weights (seconds each), as stage `backbone` does."
+    folder = tmp_path_factory.mktemp("backbones")
+    return {s: convert_backbone(s, backbone_path(s, folder)) for s in BUNDLE_FEATURE_SETS if s in BACKBONE_INPUT_SIZES}
 
 
 @pytest.fixture(scope="session")
-def model_bundle(tmp_path_factory, training_photos, backbone_onnx) -> Path:
-    "A real model bundle folder trained on `training_photos` with the deep feature set."
-    from catdog_nb.core import load_params
+def model_bundle(tmp_path_factory, training_photos, backbones) -> Path:
+    "A real model bundle folder trained on `training_photos` with the served feature sets."
     from catdog_nb.train import tiny_bundle
     out = tmp_path_factory.mktemp("bundle") / "catdog"
-    return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbone_onnx)
+    return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbones)
 
 
 @pytest.fixture(scope="session")

@@ -113,10 +113,10 @@ def runtime_env() -> dict[str, str]:
 
 def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
     "Docker's own .dockerignore matching (docker-py) on a tree shaped like a working copy after `make pipeline`."
-    for name in ("data/raw/cat/cat.0.jpg", "data/split.csv", "data/features/deep.parquet", ".venv/bin/python",
+    for name in ("data/raw/cat/cat.0.jpg", "data/split.csv", "data/features/lite2.parquet", ".venv/bin/python",
                  "mlruns/0/meta.yaml", "mlflow.db", "mlartifacts/1/model.pkl", "nbs/00_core.ipynb",
                  "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
-                 "models/backbone.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py",
+                 "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py",
                  "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/dev.txt",
                  "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

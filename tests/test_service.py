@@ -239,7 +239,7 @@ def test_multi_worker_metrics_aggregate(model_bundle, training_photos, tmp_path)
 
 # --- one extraction function ------------------------------------------------------------------------------------
 
-def test_service_features_equal_pipeline_features(model_bundle, backbone_onnx, unseen_photos, server):
+def test_service_features_equal_pipeline_features(model_bundle, backbones, unseen_photos, server):
     """The service's path (bytes -> `decode_image` -> the `FeatureExtractor` the bundle describes) gives exactly the
     features of the pipeline's extractor (built from params.yaml as stage `features` builds it) for the same files,
     and /predict answers the booster's probability of exactly those."""
@@ -252,7 +252,7 @@ def test_service_features_equal_pipeline_features(model_bundle, backbone_onnx, u
     meta, booster = read_bundle(model_bundle)
     blobs = [p.read_bytes() for p in unseen_photos]
     # The extractor as the `features` stage builds it, from params.yaml (not from the bundle), on the stage's decode.
-    extractor = FeatureExtractor.from_params(load_params(), sets=meta["feature_sets"], backbone_path=backbone_onnx)
+    extractor = FeatureExtractor.from_params(load_params(), sets=meta["feature_sets"], backbones=backbones)
     pipeline = extractor.transform([read_image(p) for p in unseen_photos])
 
     state = ServiceState(Settings(model_uri=str(model_bundle)))
