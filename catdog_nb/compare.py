@@ -15,7 +15,7 @@ from .data import SPLITS
 from .train import classification_metrics, load_dataset, predict_proba, split_xy, train_booster
 
 # %% auto #0
-__all__ = ['evaluate_variant', 'compare_variants', 'best_variant']
+__all__ = ['evaluate_variant', 'standard_errors', 'compare_variants', 'best_variant']
 
 # %% ../nbs/06_compare.ipynb #b9d492f4
 def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest=None, features_dir=None) -> dict:
@@ -26,8 +26,18 @@ def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest=None, featu
     result = {"n_features": len(columns), "best_iteration": booster.best_iteration}
     for s in ("val", "test"):
         X, y = split[s]
-        result.update({f"{s}_{k}": v for k, v in classification_metrics(y, predict_proba(booster, X)).items()})
+        p = predict_proba(booster, X)
+        result.update({f"{s}_{k}": v for k, v in classification_metrics(y, p).items()})
+        if s == "val": result.update({f"val_{k}": v for k, v in standard_errors(y, p).items()})  # what best_variant needs
     return result
+
+def standard_errors(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    "Standard errors of the log loss (the mean of per-image losses) and of the accuracy of predictions `p` = P(class 1)."
+    y, p = np.asarray(y), np.clip(np.asarray(p, np.float64), 1e-15, 1 - 1e-15)
+    losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    accuracy = ((p >= 0.5) == y).mean()
+    return {"log_loss_se": round(float(losses.std(ddof=1) / np.sqrt(len(y))), 6),
+            "accuracy_se": round(float(np.sqrt(accuracy * (1 - accuracy) / len(y))), 6)}
 
 def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, manifest=None, features_dir=None) -> pd.DataFrame:
     "One row per variant (index: its name) with `sets` and `evaluate_variant`'s figures."
@@ -36,7 +46,9 @@ def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, manif
 
 # %% ../nbs/06_compare.ipynb #1ff0144e
 def best_variant(table: pd.DataFrame, metric: str = "log_loss", lower_is_better: bool = True) -> str:
-    "The name of the variant with the best `val_<metric>` (ties: fewest feature sets, then name)."
+    "The variant with the fewest feature sets within one standard error (`val_<metric>_se`, if any) of the best `val_<metric>`."
     key = table[f"val_{metric}"] * (1 if lower_is_better else -1)
-    order = pd.DataFrame({"key": key, "n_sets": table["sets"].str.count(r"\+"), "name": table.index})
-    return order.sort_values(["key", "n_sets", "name"]).iloc[0]["name"]
+    best = key.idxmin()
+    margin = table[f"val_{metric}_se"][best] if f"val_{metric}_se" in table else 0.0
+    order = pd.DataFrame({"n_sets": table["sets"].str.count(r"\+") + 1, "key": key, "name": table.index})[key <= key[best] + margin]
+    return order.sort_values(["n_sets", "key", "name"]).iloc[0]["name"]

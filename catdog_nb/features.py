@@ -25,7 +25,7 @@ __all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'UNIFORM_LBP'
 
 # %% ../nbs/02_features.ipynb #800eb0ba
 FEATURE_SETS = ("classic", *BACKBONE_INPUT_SIZES)  # the classic descriptors, or the embedding of one backbone variant
-FEATURES_VERSION = 1  # bump when the extraction code changes what it computes: invalidates every cache
+FEATURES_VERSION = 1  # bump when the code changes what the same settings compute: invalidates every cache
 
 DEFAULT_SETTINGS = {
     "classic": {
@@ -38,6 +38,12 @@ DEFAULT_SETTINGS = {
         "gabor_grid": 4,         # mean Gabor energy per cell of a grid x grid layout ("GIST")
         "gabor_orientations": 8,
         "gabor_wavelengths": [4.0, 8.0],  # pixels, on the `size` square
+        "colour_grid": 2,        # joint HSV histogram (hsv_bins) per cell of a grid x grid layout
+        "lab_grid": 4,           # Lab mean and std per cell of a grid x grid layout
+        "hue_bins": 32,          # hue histogram of the centre half and of the border
+        "sv_bins": 8,            # saturation and value histograms, same regions
+        "ab_bins": 8,            # joint Lab a x b histogram (a, b in 64..191), same regions
+        "mirror": True,          # average the layout blocks with the mirrored square's: left-right invariant
     },
     "deep": {                    # every backbone set (lite0, lite1, lite2)
         "flip": False,           # average the embedding with the horizontally flipped image's
@@ -104,6 +110,13 @@ def grid_histograms(labels: np.ndarray, n_bins: int, grid: int) -> np.ndarray:
     return (counts / counts.sum(1, keepdims=True)).astype(np.float32).ravel()
 
 # %% ../nbs/02_features.ipynb #800ca78c
+_HSV_RANGES = [0, 180, 0, 256, 0, 256]  # OpenCV's 8-bit hue is 0..179
+
+def _histogram(image: np.ndarray, channels: list, mask, bins: list, ranges: list) -> np.ndarray:
+    "`cv2.calcHist` flattened and normalised to sum 1 (all zeros for an empty mask)."
+    hist = cv2.calcHist([image], channels, mask, bins, ranges).ravel()
+    return hist / max(hist.sum(), 1.0)
+
 class ClassicDescriptors:
     "The classic feature vector of one BGR uint8 image; `blocks` maps each descriptor to its column range."
     def __init__(self, settings: dict):
@@ -129,19 +142,41 @@ class ClassicDescriptors:
     def _blocks(self, image: np.ndarray):
         s = self.s
         square = cv2.resize(center_square(image), (s["size"], s["size"]), interpolation=cv2.INTER_AREA)
+        views = [square, np.ascontiguousarray(square[:, ::-1])] if s["mirror"] else [square]
+        layouts = [dict(self._layout_blocks(view)) for view in views]
+        for name in layouts[0]:
+            yield name, sum(np.asarray(blocks[name], np.float32).ravel() for blocks in layouts) / len(layouts)
+        yield from self._region_blocks(square)
+
+    def _layout_blocks(self, square: np.ndarray):
+        "Blocks that describe where things are in the square (a mirror image changes them)."
+        s = self.s
         gray = cv2.cvtColor(square, cv2.COLOR_BGR2GRAY)
-        hsv = cv2.cvtColor(square, cv2.COLOR_BGR2HSV)
         yield "hog", self.hog.compute(cv2.resize(gray, (s["hog_size"], s["hog_size"]), interpolation=cv2.INTER_AREA))
-        for name, mask in (("hsv_centre", self.centre), ("hsv_border", self.border)):
-            hist = cv2.calcHist([hsv], [0, 1, 2], mask, s["hsv_bins"], [0, 180, 0, 256, 0, 256]).ravel()
-            yield name, hist / max(hist.sum(), 1.0)
         yield "lbp", grid_histograms(UNIFORM_LBP[lbp_codes(gray)], LBP_BINS, s["lbp_grid"])
         g = s["gabor_grid"]
         gray32 = gray.astype(np.float32) * (1 / 255)
         yield "gabor", np.concatenate([
             cv2.resize(np.abs(cv2.filter2D(gray32, cv2.CV_32F, kernel)), (g, g), interpolation=cv2.INTER_AREA).ravel()
             for kernel in self.gabor])
-        mean, std = cv2.meanStdDev(cv2.cvtColor(square, cv2.COLOR_BGR2LAB))
+        hsv, side, cg = cv2.cvtColor(square, cv2.COLOR_BGR2HSV), s["size"], s["colour_grid"]
+        cells = [hsv[i * side // cg:(i + 1) * side // cg, j * side // cg:(j + 1) * side // cg] for i in range(cg) for j in range(cg)]
+        yield "hsv_grid", np.concatenate([_histogram(cell, [0, 1, 2], None, s["hsv_bins"], _HSV_RANGES) for cell in cells])
+        lab = cv2.cvtColor(square, cv2.COLOR_BGR2LAB).astype(np.float32) * (1 / 255)
+        mean = cv2.resize(lab, (s["lab_grid"], s["lab_grid"]), interpolation=cv2.INTER_AREA)
+        mean_sq = cv2.resize(lab * lab, (s["lab_grid"], s["lab_grid"]), interpolation=cv2.INTER_AREA)
+        yield "lab_grid", np.concatenate([mean.ravel(), np.sqrt(np.maximum(mean_sq - mean * mean, 0)).ravel()])
+
+    def _region_blocks(self, square: np.ndarray):
+        "Statistics of the whole square, its centre half and its border: mirror-symmetric regions, so a mirror image leaves them as they are."
+        s = self.s
+        hsv, lab = cv2.cvtColor(square, cv2.COLOR_BGR2HSV), cv2.cvtColor(square, cv2.COLOR_BGR2LAB)
+        for region, mask in (("centre", self.centre), ("border", self.border)):
+            yield f"hsv_{region}", _histogram(hsv, [0, 1, 2], mask, s["hsv_bins"], _HSV_RANGES)
+            yield f"hue_{region}", _histogram(hsv, [0], mask, [s["hue_bins"]], [0, 180])
+            yield f"sv_{region}", np.concatenate([_histogram(hsv, [c], mask, [s["sv_bins"]], [0, 256]) for c in (1, 2)])
+            yield f"ab_{region}", _histogram(lab, [1, 2], mask, [s["ab_bins"]] * 2, [64, 192, 64, 192])
+        mean, std = cv2.meanStdDev(lab)
         yield "lab_moments", np.concatenate([mean.ravel(), std.ravel()]) * (1 / 255)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
