@@ -614,6 +614,12 @@ def _wait_ready(url: str, process, timeout: float = 180.0) -> None:
         time.sleep(0.25)
     raise TimeoutError(f"{url}/ready did not answer 200 within {timeout:.0f} s")
 
+def _memory_mib(pid: int) -> dict[str, float]:
+    "Resident memory of process `pid` now (`rss`) and at its peak so far (`peak`, VmHWM), in MiB; empty without /proc."
+    try: fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    except OSError: return {}
+    return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
+
 def bench_serve(model_uri: str | Path = DEFAULT_MODEL_URI, concurrency: int = 8, n_requests: int = 800,
                 idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> dict:
     "Run the whole benchmark (see above), print its figures and return them."
@@ -631,11 +637,13 @@ def bench_serve(model_uri: str | Path = DEFAULT_MODEL_URI, concurrency: int = 8,
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(f"http://127.0.0.1:{port}", server)
+            warm = _memory_mib(server.pid)  # the model loaded and warmed up, no request yet
             request = {"host": "127.0.0.1", "port": port, "photos": [str(p) for p in photos],
                        "concurrency": concurrency, "n_requests": n_requests, "idle_requests": idle_requests}
             client = subprocess.run([sys.executable, "-c", "from catdog_nb.service import bench_client; bench_client()"],
                                     input=json.dumps(request), capture_output=True, text=True, check=True)
             run = json.loads(client.stdout)
+            loaded = _memory_mib(server.pid)
         except Exception:
             log.seek(0); sys.stderr.write(log.read().decode(errors="replace")[-3000:]); raise
         finally:
@@ -646,11 +654,13 @@ def bench_serve(model_uri: str | Path = DEFAULT_MODEL_URI, concurrency: int = 8,
                "statuses": run["statuses"], "service_rps": service_rps,
                "p50_ms": ms(run["latencies"], 50), "p95_ms": ms(run["latencies"], 95), "p99_ms": ms(run["latencies"], 99),
                "idle_p50_ms": ms(run["idle"], 50), "in_process_ips": in_process, "ratio": service_rps / in_process,
-               "load_before": load_before, "cpus": os.cpu_count()}
+               "load_before": load_before, "cpus": os.cpu_count(),
+               "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak")}
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} on {os.cpu_count()} CPUs")
     print(f"in-process Classifier.predict_bytes (batches of {batch_size}): {in_process:.1f} images/s")
     print(f"service, concurrency {concurrency}, {n_requests} requests: {service_rps:.1f} requests/s, "
           f"p50 {figures['p50_ms']:.1f} ms, p95 {figures['p95_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, statuses {run['statuses']}")
     print(f"idle single-image latency ({idle_requests} sequential requests): p50 {figures['idle_p50_ms']:.1f} ms")
     print(f"ratio service / in-process: {figures['ratio']:.3f}")
+    if warm and loaded: print(f"server resident memory: {warm['rss']:.0f} MiB after warm-up, {loaded['peak']:.0f} MiB peak under load")
     return figures
