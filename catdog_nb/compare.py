@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from .core import load_params, project_root
 from .data import SPLITS
-from .train import classification_metrics, load_dataset, predict_proba, split_xy, train_booster
+from .train import classification_metrics, image_log_losses, load_dataset, predict_proba, split_xy, train_booster
 
 # %% auto #0
 __all__ = ['evaluate_variant', 'standard_errors', 'compare_variants', 'best_variant']
@@ -33,8 +33,8 @@ def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest=None, featu
 
 def standard_errors(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     "Standard errors of the log loss (the mean of per-image losses) and of the accuracy of predictions `p` = P(class 1)."
-    y, p = np.asarray(y), np.clip(np.asarray(p, np.float64), 1e-15, 1 - 1e-15)
-    losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    y, p = np.asarray(y), np.asarray(p, np.float64)
+    losses = image_log_losses(y, p)
     accuracy = ((p >= 0.5) == y).mean()
     return {"log_loss_se": round(float(losses.std(ddof=1) / np.sqrt(len(y))), 6),
             "accuracy_se": round(float(np.sqrt(accuracy * (1 - accuracy) / len(y))), 6)}

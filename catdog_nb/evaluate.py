@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 from .core import get_logger, load_params, project_root
-from .train import CLASSES, classification_metrics
+from .train import CLASSES, classification_metrics, image_log_losses
 
 # %% auto #0
 __all__ = ['LOWER_IS_BETTER', 'CHAMPION_ALIAS', 'calibration_table', 'curve_tables', 'write_plot_data', 'evaluation_figure',
@@ -70,9 +70,7 @@ def evaluation_figure(tables: dict[str, pd.DataFrame], metrics: dict, title: str
 # %% ../nbs/04_evaluate.ipynb #4ff6126f
 def worst_predictions(frame: pd.DataFrame, p: np.ndarray, n: int = 12) -> pd.DataFrame:
     "The `n` rows of `frame` (with `path`, `label`, `y`) whose P(class 1) `p` has the highest log loss."
-    p = np.clip(np.asarray(p, np.float64), 1e-15, 1 - 1e-15)
-    loss = -np.where(frame["y"].to_numpy() == 1, np.log(p), np.log(1 - p))
-    out = frame[["path", "label"]].assign(p_dog=p, loss=loss)
+    out = frame[["path", "label"]].assign(p_dog=p, loss=image_log_losses(frame["y"].to_numpy(), p))
     return out.sort_values(["loss", "path"], ascending=[False, True]).head(n).reset_index(drop=True)
 
 def show_photos(rows: pd.DataFrame, root: Path | None = None, columns: int = 6):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import cv2
 import numpy as np
-from .backbone import BACKBONE_DIR, BACKBONE_INPUT_SIZES, backbone_blob, backbone_path, center_square, load_backbone, run_backbone
+from .backbone import BACKBONE_DIR, BACKBONE_INPUT_SIZES, backbone_blob, backbone_paths, center_square, load_backbone, run_backbone
 from .core import get_logger, load_params, project_root
 from .data import ImageError, decode_image, read_manifest, sample_photos
 
@@ -216,9 +216,8 @@ class FeatureExtractor:
         root = Path(root or project_root())
         f = params.get("features", {})
         sets = check_sets(sets or f.get("sets", FEATURE_SETS[:1]))
-        directory = root / params.get("backbone", {}).get("dir", BACKBONE_DIR)
         kwargs = dict(sets=sets, settings={k: f[k] for k in DEFAULT_SETTINGS if k in f}, batch_size=f.get("batch_size", 16),
-                      backbones={s: backbone_path(s, directory) for s in sets if s != "classic"})
+                      backbones=backbone_paths(sets, root / params.get("backbone", {}).get("dir", BACKBONE_DIR)))
         return cls(**{**kwargs, **overrides})
 
     @property

@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 import yaml
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
-from .backbone import BACKBONE_INPUT_SIZES, backbone_path
+from .backbone import BACKBONE_INPUT_SIZES, backbone_paths
 from .core import get_logger, load_params, project_root
 from .data import SPLITS
 
 # %% auto #0
 __all__ = ['CLASSES', 'LGB_KEYS', 'BUNDLE_NAME', 'BOOSTER_FILE', 'EXPERIMENT', 'RUN_ID_MARK', 'FeatureTableError',
            'feature_columns', 'load_dataset', 'split_xy', 'synthetic_feature_tables', 'expected_calibration_error',
-           'classification_metrics', 'lgb_params', 'train_booster', 'predict_proba', 'model_text', 'bundle_version',
-           'save_bundle', 'feature_settings', 'read_bundle', 'data_version', 'git_state', 'mlflow_setup',
-           'run_ids_in_notebook', 'log_executed_notebook', 'tiny_bundle']
+           'image_log_losses', 'classification_metrics', 'lgb_params', 'train_booster', 'predict_proba', 'model_text',
+           'bundle_version', 'save_bundle', 'feature_settings', 'read_bundle', 'data_version', 'git_state',
+           'mlflow_setup', 'run_ids_in_notebook', 'log_executed_notebook', 'tiny_bundle']
 
 # %% ../nbs/03_train.ipynb #b1113bc0
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -88,6 +88,11 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -
     bins = np.minimum(((confidence - 0.5) * 2 * n_bins).astype(int), n_bins - 1)  # confidence is in [0.5, 1]
     return float(sum(abs(confidence[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
                      for b in range(n_bins) if (bins == b).any()))
+
+def image_log_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    "Each image's log loss: -log of the probability `p` = P(class 1) gave its true class `y` (clipped away from 0)."
+    p = np.clip(np.asarray(p, np.float64), 1e-15, 1 - 1e-15)
+    return -np.where(np.asarray(y) == 1, np.log(p), np.log(1 - p))
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, float]:
     "accuracy, roc_auc, log_loss, f1 (of class 1) and ece of probabilities `p` = P(class 1), rounded to 6 digits."

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog_nb.backbone import BACKBONE_INPUT_SIZES, backbone_path, convert_backbone
+from catdog_nb.backbone import backbone_paths, convert_backbone
 from catdog_nb.core import load_params
 from catdog_nb.data import sample_photos
 from servers import free_port, running
@@ -38,7 +38,7 @@ def unseen_photos() -> list[Path]:
 def backbones(tmp_path_factory) -> dict[str, Path]:
     "The backbones of `BUNDLE_FEATURE_SETS` converted from the pip-shipped weights (seconds each), as stage `backbone` does."
     folder = tmp_path_factory.mktemp("backbones")
-    return {s: convert_backbone(s, backbone_path(s, folder)) for s in BUNDLE_FEATURE_SETS if s in BACKBONE_INPUT_SIZES}
+    return {s: convert_backbone(s, path) for s, path in backbone_paths(BUNDLE_FEATURE_SETS, folder).items()}
 
 
 @pytest.fixture(scope="session")
