@@ -32,10 +32,10 @@ from .predict import DEFAULT_MODEL_URI, Classifier, Prediction
 
 # %% auto #0
 __all__ = ['LATENCY_BUCKETS', 'KNOWN_METHODS', 'PROBLEM_JSON', 'PAGE_HTML', 'Settings', 'multiprocess_metrics', 'ServiceMetrics',
-           'RequestMetrics', 'MicroBatcher', 'Problem', 'problem', 'image_error_status', 'image_from_json',
-           'media_type_of', 'read_form', 'read_part', 'image_bytes', 'PredictResult', 'BatchItem', 'BatchResult',
-           'Health', 'Readiness', 'predict', 'predict_batch', 'health', 'ready', 'metrics', 'page', 'ServiceState',
-           'create_app', 'app_from_env', 'in_process_throughput', 'drive_service', 'bench_client', 'bench_serve']
+           'RequestMetrics', 'MicroBatcher', 'Problem', 'problem', 'image_problem', 'image_from_json', 'media_type_of',
+           'read_form', 'read_part', 'image_bytes', 'PredictResult', 'BatchItem', 'BatchResult', 'Health', 'Readiness',
+           'predict', 'predict_batch', 'health', 'ready', 'metrics', 'page', 'ServiceState', 'create_app',
+           'app_from_env', 'in_process_throughput', 'drive_service', 'bench_client', 'bench_serve']
 
 # %% ../nbs/07_service.ipynb #d582c34f
 @dataclass(frozen=True)
@@ -231,11 +231,12 @@ def problem(status: int, detail: str, reason: str | None = None, headers: dict |
     return ProblemDetailsException(status_code=status, detail=detail, title=HTTPStatus(status).phrase,
                                    extra={"reason": reason} if reason else None, headers=headers)
 
-def image_error_status(e: ImageError) -> int:
-    return 413 if isinstance(e, ImageTooLargeError) else 400
+def image_problem(e: ImageError) -> ProblemDetailsException:
+    "The problem of an image that cannot be used: 413 when it is too large, 400 otherwise."
+    return problem(413 if isinstance(e, ImageTooLargeError) else 400, f"not a usable image: {e}", e.reason)
 
 def _image_error_handler(request: Request, exc: ImageError) -> Response:
-    return problem(image_error_status(exc), f"not a usable image: {exc}", exc.reason).to_response(request)
+    return image_problem(exc).to_response(request)
 
 def _http_error_handler(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
@@ -389,10 +390,8 @@ async def predict_batch(request: Request) -> BatchResult:
     items = []
     for (_, part), d in zip(parts, decoded):
         name = getattr(part, "filename", None)
-        if isinstance(d, ImageError):
-            items.append(BatchItem(name, error=Problem(image_error_status(d), HTTPStatus(image_error_status(d)).phrase,
-                                                       f"not a usable image: {d}", d.reason)))
-        elif isinstance(d, ProblemDetailsException):
+        if isinstance(d, ImageError): d = image_problem(d)
+        if isinstance(d, ProblemDetailsException):
             items.append(BatchItem(name, error=Problem(d.status_code, d.title, d.detail, (d.extra or {}).get("reason"))))
         else:
             row, seconds = next(rows)
