@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from catdog_nb.data import sample_photos
 from promql import ALERTS, SERVICE_METRICS, alert_rules, as_promql, dashboard_targets
 from servers import free_port, running, stop
 
@@ -88,11 +89,6 @@ def wait_for(condition, what: str, timeout: float = 30.0):
     return result
 
 
-def photos() -> list[Path]:
-    half = PHOTOS_PER_ROUND // 2
-    return [p for label in ("cat", "dog") for p in sorted((ROOT / "data" / "raw" / label).glob("*.jpg"))[:half]]
-
-
 def post_photo(url: str, photo: Path) -> httpx.Response:
     return httpx.post(f"{url}/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=60)
 
@@ -104,7 +100,7 @@ def traffic(service, prometheus):
     answers, predicted = [], 0
     for _ in range(2):
         with ThreadPoolExecutor(8) as pool:
-            answers += list(pool.map(lambda p: post_photo(service["url"], p), photos()))
+            answers += list(pool.map(lambda p: post_photo(service["url"], p), sample_photos(PHOTOS_PER_ROUND // 2)))
         answers.append(httpx.post(f"{service['url']}/predict", content=b"not an image",
                                   headers={"content-type": "image/jpeg"}, timeout=10))
         answers.append(httpx.post(f"{service['url']}/predict", content=b"hello", headers={"content-type": "text/plain"},

@@ -14,17 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catdog_nb.core import load_params, project_root
+from catdog_nb.core import load_params
+from catdog_nb.data import sample_photos
 from catdog_nb.evaluate import apply_champion_gate
 from catdog_nb.predict import Classifier
 from catdog_nb.pyfunc import log_bundle_model
 from catdog_nb.train import RUN_ID_MARK, classification_metrics, log_executed_notebook, mlflow_setup, tiny_bundle
 
 MODEL = "catdog"
-
-
-def photos(label: str, start: int, n: int) -> list[Path]:
-    return sorted((project_root() / "data" / "raw" / label).glob("*.jpg"))[start:start + n]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +42,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def training_photos():
-    return photos("cat", 0, 16) + photos("dog", 0, 16)
+    return sample_photos(16)
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +100,7 @@ def test_champion_gate_keeps_the_alias_on_a_worse_model(store, bundles, training
 
 def test_registered_pyfunc_predicts_image_bytes_in_a_fresh_process(store, bundles, tmp_path):
     version = register(bundles["fitted"])
-    unseen = photos("cat", 100, 2) + photos("dog", 100, 2)
+    unseen = sample_photos(2, skip=100)
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps([str(p) for p in unseen]))
     code = f"""
