@@ -67,9 +67,15 @@ export: $(VENV)/.pipeline
 	$(BIN)/nbdev-clean
 
 # README.md is written from nbs/index.ipynb (nbdev's own `nbdev-readme` needs the Quarto binary, which no
-# package registry ships; nbconvert renders the same notebook to the same Markdown).
+# package registry ships; nbconvert renders the same notebook to the same Markdown). Cells tagged remove-input
+# show only their output: the model table, computed from compare.json and metrics.json when the notebook runs.
+README_NB ?= nbs/index.ipynb
+README_OUT ?= README.md
 readme: $(VENV)/.pipeline
-	$(BIN)/jupyter nbconvert --to markdown --log-level WARN --output-dir . --output README nbs/index.ipynb
+	$(BIN)/nbdev-test --save $(README_NB)
+	$(BIN)/nbdev-clean --fname $(README_NB)
+	$(BIN)/jupyter nbconvert --to markdown --stdout --log-level WARN \
+	  --TagRemovePreprocessor.remove_input_tags remove-input $(README_NB) | cat -s > $(README_OUT)
 
 # The MLflow UI on the tracking store the pipeline writes to: $MLFLOW_TRACKING_URI when set, else the embedded
 # one (mlflow.db at the root, artifacts in mlartifacts/). MLFLOW_PORT=5000 by default, on loopback only.
