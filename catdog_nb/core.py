@@ -93,7 +93,8 @@ def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
     out = root / reports / f"{notebook}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(root / "nbs" / f"{notebook}.ipynb", out, parameters=parameters, kernel_name="python3",
-                               progress_bar=False, config=Config({"KernelManager": {"transport": "ipc"}}))
+                               progress_bar=False, config=Config({"KernelManager": {"transport": "ipc"}}),
+                               extra_arguments=["--IPKernelApp.capture_fd_output=False"])
     return out
 
 # %% ../nbs/00_core.ipynb #a262bb7a
