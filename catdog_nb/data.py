@@ -163,12 +163,15 @@ def scan_dataset(raw_dir: Path | str, root: Path | str | None = None, threads: i
     raw_dir, root = Path(raw_dir).resolve(), Path(root or project_root()).resolve()
     files = sorted((p, d.name) for d in raw_dir.iterdir() if d.is_dir() for p in d.iterdir()
                    if p.suffix.lower() in IMAGE_SUFFIXES)
-    bar = Progress(len(files), "scan") if progress else None
+    bar = Progress(len(files), "scan") if progress and files else None
     def check(f):
         record = _check_file(f[0], f[1], root)
         if bar: bar.update()
         return record
-    with ThreadPoolExecutor(threads) as pool: return list(pool.map(check, files))
+    try:
+        with ThreadPoolExecutor(threads) as pool: return list(pool.map(check, files))
+    finally:
+        if bar: bar.close()
 
 def sample_photos(per_class: int, skip: int = 0, raw_dir: Path | str | None = None) -> list[Path]:
     "A fixed sample of real photos: per class folder, `per_class` files after the first `skip`, by name."
