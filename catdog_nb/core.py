@@ -64,7 +64,7 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes}m {s:02d}s" if minutes else f"{s}s"
 
-# %% ../nbs/00_core.ipynb #f16072f1
+# %% ../nbs/00_core.ipynb #6911dd4b
 @patch
 def line(self: Progress) -> str:
     "`desc: done/total unit (pct), rate unit/s, time left`."
@@ -94,7 +94,7 @@ def close(self: Progress) -> None:
         self._stop.set()
     self.write()
 
-# %% ../nbs/00_core.ipynb #f0f003f2
+# %% ../nbs/00_core.ipynb #0c05f9aa
 def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
     "Execute `nbs/<notebook>.ipynb` with papermill into `<reports>/<notebook>.ipynb`; returns the executed notebook."
     import papermill
@@ -107,7 +107,7 @@ def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
                                extra_arguments=["--IPKernelApp.capture_fd_output=False"])
     return out
 
-# %% ../nbs/00_core.ipynb #a262bb7a
+# %% ../nbs/00_core.ipynb #4157ff95
 def pipeline_summary(root: Path | str | None = None) -> str:
     "The served model, its test figures and where a run's plots and executed notebooks are."
     root = Path(root or project_root())

@@ -43,7 +43,7 @@ class ImageTooLargeError(ImageError):
     "More pixels than allowed: refused from the header, before any decoding (decompression bombs)."
     reason = "too_many_pixels"
 
-# %% ../nbs/01_data.ipynb #2028af7b
+# %% ../nbs/01_data.ipynb #6759b329
 @dataclass(frozen=True)
 class ImageHeader:
     format: str
@@ -69,7 +69,7 @@ def _jpeg_header(b: bytes) -> ImageHeader:
         i += 2 + seg_len
     raise CorruptImageError("JPEG: no frame header (truncated?)")
 
-# %% ../nbs/01_data.ipynb #32fabdf2
+# %% ../nbs/01_data.ipynb #d14cb011
 def _png_header(b: bytes) -> ImageHeader:
     if len(b) < 26 or b[12:16] != b"IHDR": raise CorruptImageError("PNG: no IHDR chunk")
     w, h, _depth, color_type = struct.unpack(">IIBB", b[16:26])
@@ -94,7 +94,7 @@ def _bmp_header(b: bytes) -> ImageHeader:
     bits = struct.unpack("<H", b[28:30])[0]
     return ImageHeader("bmp", abs(w), abs(h), bits == 32)
 
-# %% ../nbs/01_data.ipynb #a66568bd
+# %% ../nbs/01_data.ipynb #bdfb8206
 def read_header(b: bytes) -> ImageHeader:
     "Format, size and alpha flag from the first bytes; `UnsupportedImageError` for anything else."
     if not b: raise EmptyImageError("empty input: zero bytes")
@@ -104,7 +104,7 @@ def read_header(b: bytes) -> ImageHeader:
     if b[:2] == b"BM": return _bmp_header(b)
     raise UnsupportedImageError("not a JPEG, PNG, WebP or BMP image")
 
-# %% ../nbs/01_data.ipynb #c243a8b6
+# %% ../nbs/01_data.ipynb #27db6cf0
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service takes its own limit from CATDOG_MAX_PIXELS
 
 def _to_bgr8(img: np.ndarray) -> np.ndarray:
@@ -121,7 +121,7 @@ def _jpeg_is_truncated(b: bytes) -> bool:
     # Inside entropy-coded data 0xFF is always stuffed, so the last EOI must follow the last SOS.
     return b.rfind(b"\xff\xd9") < b.rfind(b"\xff\xda")
 
-# %% ../nbs/01_data.ipynb #418c0386
+# %% ../nbs/01_data.ipynb #deaf4754
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     "Bytes -> upright `H x W x 3` uint8 BGR array, or a typed `ImageError` saying why not."
     header = read_header(bytes(data[:64 * 1024]))
@@ -140,7 +140,7 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     "`decode_image` of a file's bytes."
     return decode_image(Path(path).read_bytes(), max_pixels)
 
-# %% ../nbs/01_data.ipynb #e0118027
+# %% ../nbs/01_data.ipynb #146c095f
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def sample_photos(per_class: int, skip: int = 0, raw_dir: Path | str | None = No
     raw_dir = Path(raw_dir) if raw_dir else project_root() / load_params()["data"]["raw_dir"]
     return [p for d in sorted(d for d in raw_dir.iterdir() if d.is_dir()) for p in sorted(d.iterdir())[skip:skip + per_class]]
 
-# %% ../nbs/01_data.ipynb #8bc0d197
+# %% ../nbs/01_data.ipynb #66a257b0
 SPLITS = ("train", "val", "test")
 
 def _rank(seed: int, md5: str) -> str: return hashlib.md5(f"{seed}:{md5}".encode()).hexdigest()
@@ -197,7 +197,7 @@ def assign_splits(records: list[ImageRecord], val_fraction: float, test_fraction
         for i, m in enumerate(md5s): split_of[m] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return split_of
 
-# %% ../nbs/01_data.ipynb #23b2e26b
+# %% ../nbs/01_data.ipynb #67fe68e0
 def duplicate_report(records: list[ImageRecord]) -> dict:
     "How many exact duplicates (same md5) there are, and how many carry conflicting labels."
     groups = defaultdict(set)
@@ -207,7 +207,7 @@ def duplicate_report(records: list[ImageRecord]) -> dict:
     return {"duplicate_groups": len(dups), "duplicate_files": sum(len(g) - 1 for g in dups.values()),
             "conflicting_labels": sum(len({l for _, l in g}) > 1 for g in dups.values())}
 
-# %% ../nbs/01_data.ipynb #cb8d99c1
+# %% ../nbs/01_data.ipynb #18bebd0d
 MANIFEST_COLUMNS = ("path", "label", "md5", "split")
 
 def write_manifest(records: list[ImageRecord], split_of: dict[str, str], path: Path | str) -> None:

@@ -54,7 +54,7 @@ class FeatureCache:
         self.add(list(rows), np.stack(list(rows.values())))
         for shard in shards: shard.unlink(missing_ok=True)
 
-# %% ../nbs/06_extract.ipynb #f4234ebb
+# %% ../nbs/06_extract.ipynb #59ac61c9
 _worker_extractor: FeatureExtractor | None = None
 
 def _init_worker(init_args: dict, ready) -> None:
@@ -79,7 +79,7 @@ def _extract_task(task: tuple) -> tuple[list[str], dict[str, np.ndarray], list[t
             failed.append((str(path), f"{getattr(e, 'reason', type(e).__name__)}: {e}"))
     return done, _worker_extractor.transform_sets(images, sets), failed
 
-# %% ../nbs/06_extract.ipynb #53f178cc
+# %% ../nbs/06_extract.ipynb #7c5e10fa
 def default_workers() -> int:
     "The cores this process may run on."
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -105,7 +105,7 @@ class ExtractionPool:
         # resource tracker then warns about leaked semaphores.
         self.pool = None; gc.collect()
 
-# %% ../nbs/06_extract.ipynb #e31a291c
+# %% ../nbs/06_extract.ipynb #b0db024c
 @dataclass
 class ExtractionResult:
     "What `extract_features` produced: per-set tables (md5 + feature columns), and what it did."
@@ -124,7 +124,7 @@ def _tasks(path_of: dict, known: dict, sets: tuple, batch_size: int) -> list[tup
     return [(chunk, [path_of[m] for m in chunk], missing) for missing, md5s in todo.items()
             for chunk in (md5s[i:i + batch_size] for i in range(0, len(md5s), batch_size))]
 
-# %% ../nbs/06_extract.ipynb #ea31c115
+# %% ../nbs/06_extract.ipynb #730bdb10
 def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: dict, workers: int, progress: bool):
     "Run `tasks` on a pool, adding each result to `known` and, every 2,048 rows and at the end, to the caches."
     computed, failed = {s: 0 for s in extractor.sets}, []
@@ -148,7 +148,7 @@ def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: di
     for s in extractor.sets: flush(s)
     return computed, failed
 
-# %% ../nbs/06_extract.ipynb #9dfb9b8f
+# %% ../nbs/06_extract.ipynb #dc8c2040
 def extract_features(rows: list[dict], extractor: FeatureExtractor, cache_dir: Path | str | None, workers: int = 0,
                      root: Path | str | None = None, progress: bool = True) -> ExtractionResult:
     "Feature tables of the manifest `rows` (path, md5) for `extractor`'s sets; new images only, in parallel."
@@ -171,7 +171,7 @@ def _table(set_name: str, md5s: list[str], rows: dict, dim: int):
     X = np.stack([rows[m] for m in md5s]) if md5s else np.empty((0, dim), np.float32)
     return pd.DataFrame({"md5": md5s} | {f"{set_name}_{i}": X[:, i] for i in range(X.shape[1])})
 
-# %% ../nbs/06_extract.ipynb #9fa22a7a
+# %% ../nbs/06_extract.ipynb #77fbb576
 def write_tables(result: ExtractionResult, out_dir: Path | str) -> list[Path]:
     "`<out_dir>/<set>.parquet` for each table; returns the paths."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)

@@ -200,7 +200,7 @@ class FeatureExtractor:
             self._nets[s] = load_backbone(self.backbones[s])
         self.dims = {s: self._classic.dim if s == "classic" else EMBEDDING_DIM for s in self.sets}
 
-# %% ../nbs/05_features.ipynb #e19c132e
+# %% ../nbs/05_features.ipynb #a60f8f90
 @patch(cls_method=True)
 def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, root: Path | str | None = None, **overrides) -> FeatureExtractor:
     "The extractor `params.yaml` describes (`features` and `backbone.dir`); `sets` and keyword overrides win."
@@ -210,7 +210,7 @@ def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, ro
                   backbones=backbone_paths(sets, root / params["backbone"]["dir"]))
     return cls(**{**kwargs, **overrides})
 
-# %% ../nbs/05_features.ipynb #4e2cf9c0
+# %% ../nbs/05_features.ipynb #e6eebeeb
 @patch(as_prop=True)
 def init_args(self: FeatureExtractor) -> dict:
     "The constructor's arguments (JSON-serialisable): enough to rebuild this extractor in a worker or a model bundle."
@@ -222,7 +222,7 @@ def feature_names(self: FeatureExtractor) -> list[str]:
     "`<set>_<i>` for every column, sets side by side."
     return [f"{s}_{i}" for s in self.sets for i in range(self.dims[s])]
 
-# %% ../nbs/05_features.ipynb #6fe66bc6
+# %% ../nbs/05_features.ipynb #0247ed76
 def _md5_file(path: Path | str) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -239,7 +239,7 @@ def fingerprint(self: FeatureExtractor, set_name: str) -> str:
         key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../nbs/05_features.ipynb #c46f8a0e
+# %% ../nbs/05_features.ipynb #a42f4c36
 @patch
 def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str) -> np.ndarray:
     out = np.empty((len(images), EMBEDDING_DIM), np.float32)
@@ -254,7 +254,7 @@ def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str) -> np.
         out[i:i + n] = (embedding[:n] + embedding[n:]) / 2 if flip else embedding
     return out
 
-# %% ../nbs/05_features.ipynb #3d83bdae
+# %% ../nbs/05_features.ipynb #3bba620c
 def _check_images(images: list) -> None:
     for i, image in enumerate(images):
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) > 0):
