@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import cv2
 import numpy as np
+from fastcore.basics import patch
 from .core import Progress, get_logger, project_root
 from .data import ImageError, decode_image
 from .features import FeatureExtractor
@@ -28,33 +29,33 @@ class FeatureCache:
     def __init__(self, root: Path | str, set_name: str, fingerprint: str):
         self.dir = Path(root) / f"{set_name}-{fingerprint}"
 
-    def _shards(self) -> list[Path]: return sorted(self.dir.glob("*.npz"))
+# %% ../nbs/06_extract.ipynb #cb9204ce
+@patch
+def add(self: FeatureCache, md5s: list[str], X: np.ndarray) -> None:
+    "Store the rows `X` of the images `md5s` as one new shard."
+    if not len(md5s): return
+    self.dir.mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = self.dir / f".{name}.tmp.npz"
+    np.savez(tmp, md5=np.asarray(md5s), X=np.asarray(X, np.float32))
+    tmp.rename(self.dir / f"{name}.npz")
 
-    def load(self) -> dict[str, np.ndarray]:
-        "md5 -> row for everything cached (an unreadable shard is skipped: its rows are recomputed)."
-        rows = {}
-        shards = self._shards()
-        for shard in shards:
-            try:
-                with np.load(shard) as z: rows.update(zip(z["md5"].tolist(), z["X"]))
-            except (OSError, ValueError, KeyError) as e:
-                get_logger(__name__).warning("ignoring unreadable cache shard %s: %s", shard, e)
-        if len(shards) > self.MAX_SHARDS and rows: self._compact(rows, shards)
-        return rows
-
-    def add(self, md5s: list[str], X: np.ndarray) -> None:
-        if not len(md5s): return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp = self.dir / f".{name}.tmp.npz"
-        np.savez(tmp, md5=np.asarray(md5s), X=np.asarray(X, np.float32))
-        tmp.rename(self.dir / f"{name}.npz")
-
-    def _compact(self, rows: dict, shards: list[Path]) -> None:
+# %% ../nbs/06_extract.ipynb #2767e86a
+@patch
+def load(self: FeatureCache) -> dict[str, np.ndarray]:
+    "md5 -> row for everything cached (an unreadable shard is skipped: its rows are recomputed)."
+    rows, shards = {}, sorted(self.dir.glob("*.npz"))
+    for shard in shards:
+        try:
+            with np.load(shard) as z: rows.update(zip(z["md5"].tolist(), z["X"]))
+        except (OSError, ValueError, KeyError) as e:
+            get_logger(__name__).warning("ignoring unreadable cache shard %s: %s", shard, e)
+    if len(shards) > self.MAX_SHARDS and rows:
         self.add(list(rows), np.stack(list(rows.values())))
         for shard in shards: shard.unlink(missing_ok=True)
+    return rows
 
-# %% ../nbs/06_extract.ipynb #59ac61c9
+# %% ../nbs/06_extract.ipynb #fa1df529
 _worker_extractor: FeatureExtractor | None = None
 
 def _init_worker(init_args: dict, ready) -> None:
@@ -79,7 +80,7 @@ def _extract_task(task: tuple) -> tuple[list[str], dict[str, np.ndarray], list[t
             failed.append((str(path), f"{getattr(e, 'reason', type(e).__name__)}: {e}"))
     return done, _worker_extractor.transform_sets(images, sets), failed
 
-# %% ../nbs/06_extract.ipynb #7c5e10fa
+# %% ../nbs/06_extract.ipynb #00eba7a7
 def default_workers() -> int:
     "The cores this process may run on."
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -96,16 +97,25 @@ class ExtractionPool:
         except threading.BrokenBarrierError:
             self.pool.terminate()
             raise RuntimeError(f"feature workers did not start within {timeout} s") from None
-    def imap_unordered(self, tasks): return self.pool.imap_unordered(self.task, tasks)
-    def map(self, tasks): return self.pool.map(self.task, tasks, chunksize=1)
-    def __enter__(self): return self
-    def __exit__(self, *exc):
-        self.pool.terminate(); self.pool.join()
-        # Free the pool's semaphores now: a kernel may exit without running finalizers, and multiprocessing's
-        # resource tracker then warns about leaked semaphores.
-        self.pool = None; gc.collect()
 
-# %% ../nbs/06_extract.ipynb #b0db024c
+# %% ../nbs/06_extract.ipynb #53856965
+@patch
+def imap_unordered(self: ExtractionPool, tasks): return self.pool.imap_unordered(self.task, tasks)
+
+@patch
+def map(self: ExtractionPool, tasks): return self.pool.map(self.task, tasks, chunksize=1)
+
+@patch
+def __enter__(self: ExtractionPool): return self
+
+@patch
+def __exit__(self: ExtractionPool, *exc):
+    self.pool.terminate(); self.pool.join()
+    # Free the pool's semaphores now: a kernel may exit without running finalizers, and multiprocessing's
+    # resource tracker then warns about leaked semaphores.
+    self.pool = None; gc.collect()
+
+# %% ../nbs/06_extract.ipynb #1252c109
 @dataclass
 class ExtractionResult:
     "What `extract_features` produced: per-set tables (md5 + feature columns), and what it did."
@@ -124,7 +134,7 @@ def _tasks(path_of: dict, known: dict, sets: tuple, batch_size: int) -> list[tup
     return [(chunk, [path_of[m] for m in chunk], missing) for missing, md5s in todo.items()
             for chunk in (md5s[i:i + batch_size] for i in range(0, len(md5s), batch_size))]
 
-# %% ../nbs/06_extract.ipynb #730bdb10
+# %% ../nbs/06_extract.ipynb #52cd5f70
 def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: dict, workers: int, progress: bool):
     "Run `tasks` on a pool, adding each result to `known` and, every 2,048 rows and at the end, to the caches."
     computed, failed = {s: 0 for s in extractor.sets}, []
@@ -148,7 +158,7 @@ def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: di
     for s in extractor.sets: flush(s)
     return computed, failed
 
-# %% ../nbs/06_extract.ipynb #dc8c2040
+# %% ../nbs/06_extract.ipynb #33dbd1d2
 def extract_features(rows: list[dict], extractor: FeatureExtractor, cache_dir: Path | str | None, workers: int = 0,
                      root: Path | str | None = None, progress: bool = True) -> ExtractionResult:
     "Feature tables of the manifest `rows` (path, md5) for `extractor`'s sets; new images only, in parallel."
@@ -171,7 +181,7 @@ def _table(set_name: str, md5s: list[str], rows: dict, dim: int):
     X = np.stack([rows[m] for m in md5s]) if md5s else np.empty((0, dim), np.float32)
     return pd.DataFrame({"md5": md5s} | {f"{set_name}_{i}": X[:, i] for i in range(X.shape[1])})
 
-# %% ../nbs/06_extract.ipynb #77fbb576
+# %% ../nbs/06_extract.ipynb #262ec1e1
 def write_tables(result: ExtractionResult, out_dir: Path | str) -> list[Path]:
     "`<out_dir>/<set>.parquet` for each table; returns the paths."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
