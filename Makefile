@@ -31,9 +31,10 @@ data/raw: data/raw.dvc | $(VENV)/.pipeline
 	$(BIN)/dvc pull -q data/raw.dvc
 	touch $@
 
+# Each stage prints its progress; the end prints what the run produced (catdog_nb.core.pipeline_summary).
 pipeline: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
 # tests/test_monitoring.py) and chromium (the page test). apt-get runs only when one is missing.
@@ -52,9 +53,12 @@ test: $(VENV)/.dev data/raw tools
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest
 
+# JupyterLab on the notebooks with the project's kernel, `catdog` (this venv's Python). Run as root (usual in a
+# container), JupyterLab refuses to start unless told --allow-root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(VENV)/.pipeline
-	$(BIN)/python -m ipykernel install --sys-prefix --name catdog --display-name "catdog (.venv)" >/dev/null
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/python -m ipykernel install --sys-prefix --name catdog --display-name catdog >/dev/null
+	$(BIN)/jupyter lab --notebook-dir=nbs --MappingKernelManager.default_kernel_name=catdog $(ALLOW_ROOT)
 
 lock: | $(BIN)/uv
 	cd requirements && ../$(UV) pip compile -q --python-version 3.11 serve.in -o serve.txt \
@@ -84,24 +88,21 @@ mlflow-ui: $(VENV)/.pipeline
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db) --default-artifact-root $(CURDIR)/mlartifacts
 
-# The service (catdog serve, uvicorn) on the pipeline's bundle; CATDOG_* variables set its limits (README).
+# The service (catdog serve, uvicorn) on the pipeline's bundle (params.yaml train.bundle_dir, or $CATDOG_MODEL_URI);
+# CATDOG_* variables set its limits (README).
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8000
 SERVE_WORKERS ?= 1
-CATDOG_MODEL_URI ?= models/catdog
 serve: $(VENV)/.pipeline
-	@[ -n "$(filter models:/%,$(CATDOG_MODEL_URI))" ] || [ -f $(CATDOG_MODEL_URI)/bundle.json ] || \
-	  { echo "no model bundle at $(CATDOG_MODEL_URI): run 'make pipeline' first"; exit 1; }
-	CATDOG_MODEL_URI=$(CATDOG_MODEL_URI) $(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
+	$(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
 
-# Feature-extraction images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
-# Run it on a quiet machine: it prints the load average. Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
+# Benchmarks (catdog_nb.bench); run them on a quiet machine: they print the load average.
+# Feature extraction: images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
+# Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
 bench-features: $(VENV)/.pipeline data/raw
-	@[ -f data/split.csv ] && [ -d models/backbones ] || $(BIN)/dvc repro split backbone
-	$(BIN)/python -c "from catdog_nb.features import bench_main; bench_main()" $(BENCH_ARGS)
+	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
+	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" features $(BENCH_ARGS)
 
-# Service throughput at concurrency 8 vs in-process Classifier throughput on the same 200 photos, idle latency.
-# Run it on a quiet machine: it prints the load average it started with.
+# The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
 bench-serve: $(VENV)/.pipeline data/raw
-	@[ -f $(CATDOG_MODEL_URI)/bundle.json ] || { echo "no model bundle at $(CATDOG_MODEL_URI): run 'make pipeline' first"; exit 1; }
-	$(BIN)/python -c "from catdog_nb.service import bench_serve; bench_serve('$(CATDOG_MODEL_URI)')"
+	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
