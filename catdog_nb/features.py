@@ -18,10 +18,10 @@ from .core import get_logger, load_params, project_root
 from .data import ImageError, decode_image, read_manifest, sample_photos
 
 # %% auto #0
-__all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'settings_group',
-           'FeatureSettingsError', 'resolve_settings', 'check_sets', 'lbp_codes', 'grid_histograms',
-           'ClassicDescriptors', 'FeatureExtractor', 'FeatureCache', 'ExtractionResult', 'extract_features',
-           'write_tables', 'bench_features', 'bench_main']
+__all__ = ['FEATURE_SETS', 'FEATURES_VERSION', 'DEFAULT_SETTINGS', 'SETTINGS_GROUPS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',
+           'settings_group', 'FeatureSettingsError', 'resolve_settings', 'check_sets', 'feature_settings', 'lbp_codes',
+           'grid_histograms', 'ClassicDescriptors', 'FeatureExtractor', 'FeatureCache', 'ExtractionResult',
+           'extract_features', 'write_tables', 'bench_features', 'bench_main']
 
 # %% ../nbs/02_features.ipynb #800eb0ba
 FEATURE_SETS = ("classic", *BACKBONE_INPUT_SIZES)  # the classic descriptors, or the embedding of one backbone variant
@@ -78,6 +78,15 @@ def check_sets(sets) -> tuple[str, ...]:
     if not sets or len(set(sets)) != len(sets) or not set(sets) <= set(FEATURE_SETS):
         raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats from {FEATURE_SETS}")
     return sets
+
+# %% ../nbs/02_features.ipynb #f5e771a9
+SETTINGS_GROUPS = ("classic", "deep")
+
+def feature_settings(params: dict, sets: list[str]) -> dict:
+    "The settings groups `sets` use (params.yaml `features.<group>`, checked), as a bundle stores them."
+    groups = list(dict.fromkeys(settings_group(s) for s in sets))
+    resolved = resolve_settings({g: params.get("features", {}).get(g) or {} for g in groups})
+    return {g: resolved[g] for g in groups}
 
 # %% ../nbs/02_features.ipynb #010208b2
 _LBP_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))  # clockwise
