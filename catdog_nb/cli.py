@@ -9,7 +9,7 @@ Docs: https://catdog.github.io/catdog/cli.html.md"""
 from __future__ import annotations
 import argparse, os, shutil, sys, tempfile
 from collections.abc import Sequence
-from .predict import DEFAULT_MODEL_URI
+
 
 # %% auto #0
 __all__ = ['build_parser', 'serve', 'main']
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("predict", help="classify image files and folders; one JSON line per image")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
-    p.add_argument("--model", default=os.environ.get("CATDOG_MODEL_URI", DEFAULT_MODEL_URI),
-                   help="bundle folder or models:/ URI (default: $CATDOG_MODEL_URI or %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="bundle folder or models:/ URI (default: $CATDOG_MODEL_URI, else params.yaml train.bundle_dir)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")

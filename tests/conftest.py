@@ -1,7 +1,7 @@
 """Session fixtures shared by the service, predict and monitoring tests.
 
-`model_bundle` is a real bundle: helper functions of the pipeline itself (`convert_backbone`, `FeatureExtractor` via
-`tiny_bundle`, `save_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
+`model_bundle` is a real bundle: the pipeline's own functions (`convert_backbone`, and `FeatureExtractor`,
+`train_booster`, `save_bundle` via `bundles.tiny_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
 having run. `server` is the real `catdog serve` on a loopback port, serving that bundle.
 """
 import os
@@ -13,6 +13,7 @@ import pytest
 from catdog_nb.backbone import backbone_paths, convert_backbone
 from catdog_nb.core import load_params
 from catdog_nb.data import sample_photos
+from bundles import tiny_bundle
 from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,6 @@ def backbones(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def model_bundle(tmp_path_factory, training_photos, backbones) -> Path:
     "A real model bundle folder trained on `training_photos` with the served feature sets."
-    from catdog_nb.train import tiny_bundle
     out = tmp_path_factory.mktemp("bundle") / "catdog"
     return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbones)
 

@@ -14,14 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bundles import tiny_bundle
+from catdog_nb.bundle import read_bundle_meta
 from catdog_nb.core import load_params
 from catdog_nb.data import sample_photos
 from catdog_nb.evaluate import apply_champion_gate
+from catdog_nb.metrics import classification_metrics
 from catdog_nb.predict import Classifier
-from catdog_nb.pyfunc import log_bundle_model
-from catdog_nb.train import RUN_ID_MARK, classification_metrics, log_executed_notebook, mlflow_setup, tiny_bundle
+from catdog_nb.tracking import RUN_ID_MARK, log_executed_notebook, log_train_run, mlflow_setup
 
 MODEL = "catdog"
+GATE = {"metric": "log_loss", "alias": "champion"}  # the stage passes evaluate.gate_metric and evaluate.champion_alias
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +61,8 @@ def champion(client) -> str:
 
 
 def register(bundle: Path) -> str:
-    "Log `bundle` as the pyfunc model in a new run and register it; returns the version."
-    meta = json.loads((bundle / "bundle.json").read_text())
-    with mlflow.start_run():
-        info = log_bundle_model(bundle, MODEL, tags={"bundle_version": meta["version"], "data_version": "test"})
-    return str(info.registered_model_version)
+    "Log `bundle` in a training run and register it, as the train stage does; returns the version."
+    return log_train_run(bundle, read_bundle_meta(bundle), MODEL)[1]
 
 
 def measured(bundle: Path, labelled: list[Path]) -> dict:
@@ -78,23 +78,23 @@ def test_champion_gate_keeps_the_alias_on_a_worse_model(store, bundles, training
     assert fitted["log_loss"] < weak["log_loss"]  # the premise: the weak model really is worse
 
     v_weak = register(bundles["weak"])
-    first = apply_champion_gate(client, MODEL, v_weak, weak)
+    first = apply_champion_gate(client, MODEL, v_weak, weak, **GATE)
     assert first["promoted"] and champion(client) == v_weak
 
     v_fitted = register(bundles["fitted"])
-    better = apply_champion_gate(client, MODEL, v_fitted, fitted)
+    better = apply_champion_gate(client, MODEL, v_fitted, fitted, **GATE)
     assert better["promoted"] and better["previous_champion"] == v_weak
     assert champion(client) == v_fitted
 
     v_worse = register(bundles["weak"])
-    worse = apply_champion_gate(client, MODEL, v_worse, weak)
+    worse = apply_champion_gate(client, MODEL, v_worse, weak, **GATE)
     assert not worse["promoted"] and "does not beat" in worse["reason"]
     assert champion(client) == v_fitted
     # the decision is recorded on the losing version too
     tags = client.get_model_version(MODEL, v_worse).tags
     assert tags["champion_decision"] == "kept" and float(tags["test_log_loss"]) == weak["log_loss"]
 
-    again = apply_champion_gate(client, MODEL, v_fitted, fitted)  # re-evaluating the champion changes nothing
+    again = apply_champion_gate(client, MODEL, v_fitted, fitted, **GATE)  # re-evaluating the champion changes nothing
     assert not again["promoted"] and champion(client) == v_fitted
 
 
@@ -127,7 +127,7 @@ print(model.predict(pd.DataFrame({{"image": images}})).to_json(orient="records")
 
 def test_executed_notebook_is_attached_to_the_run_it_printed(store, tmp_path):
     with mlflow.start_run() as run: pass
-    notebook = tmp_path / "03_train.ipynb"
+    notebook = tmp_path / "12_train.ipynb"
     notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": [{"text": f"{RUN_ID_MARK}{run.info.run_id}\n"}]}]}))
-    assert log_executed_notebook(notebook, "catdog-test") == [run.info.run_id]
-    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "notebooks")] == ["notebooks/03_train.ipynb"]
+    assert log_executed_notebook(notebook) == [run.info.run_id]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "notebooks")] == ["notebooks/12_train.ipynb"]
