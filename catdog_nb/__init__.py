@@ -10,7 +10,7 @@ Modules:
 - `catdog_nb.features`: Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the ImageNet embedding of an EfficientNet-Lite backbone run by `cv2.dnn` (sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and the service; the parallel, md5-cached dataset extraction (DVC stage `features`) and its benchmark (`make bench-features`).
 - `catdog_nb.predict`: `Classifier`: the trained model bundle loaded from a folder or an MLflow `models:/` URI, predicting from image bytes, arrays, files or folders in batches; `catdog predict` prints one JSON line per image.
 - `catdog_nb.pyfunc`: The model bundle as an MLflow pyfunc model: what `mlflow.pyfunc.load_model` and `mlflow models serve` run, and how the `train` stage logs and registers it.
-- `catdog_nb.service`: The Litestar prediction service: `POST /predict` and `/predict/batch`, health and readiness, Prometheus metrics, problem+json errors, an upload page, and a micro-batcher that turns concurrent requests into batched `cv2.dnn` forward passes off the event loop. Images come only in request bodies: the service fetches no URLs. Run it with `catdog serve` or `make serve`.
+- `catdog_nb.service`: The Litestar prediction service: `POST /predict` and `/predict/batch`, health and readiness, Prometheus metrics, problem+json errors and an upload page. Images come only in request bodies: the service fetches no URLs. Run it with `catdog serve` or `make serve`.
 - `catdog_nb.train`: LightGBM on the feature tables (train split, early stopping on val), seeded and deterministic; the model bundle `models/catdog/`; MLflow tracking, the pyfunc model and its registration (DVC stage `train`)."""
 
 __version__ = "0.0.1"
