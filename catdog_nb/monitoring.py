@@ -1,4 +1,5 @@
-"""The service's Prometheus metrics and the ASGI wrapper that counts every request, also across worker processes.
+"""The service's Prometheus metrics, and the ASGI wrapper that counts every request by route template,
+method and status, also across worker processes.
 
 Docs: https://catdog.github.io/catdog/monitoring.html.md"""
 
