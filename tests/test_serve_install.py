@@ -20,13 +20,19 @@ BIN = Path(sys.executable).parent
 RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx",
                      "torch", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
-SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.service"]
+SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher",
+                   "catdog_nb.monitoring", "catdog_nb.service"]
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def exported(module: str) -> bool:
     return (ROOT / (module.replace(".", "/") + ".py")).exists() or (ROOT / module / "__init__.py").exists()
+
+
+def outside_env() -> dict[str, str]:
+    "The environment without the developer's venv and PYTHONPATH, which would import the work tree's catdog_nb/."
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def serve_venv(tmp_path_factory) -> Path:
             else: shutil.copy(src, dest)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env = outside_env()
     for args in (["-r", context / "requirements" / "serve.txt"], ["--no-deps", context]):
         subprocess.run([BIN / "uv", "pip", "install", "--quiet", "--python", venv / "bin" / "python", *args],
                        check=True, env=env, timeout=600)
@@ -51,7 +57,8 @@ def serve_venv(tmp_path_factory) -> Path:
 
 def run_in(venv: Path, *cmd) -> subprocess.CompletedProcess:
     "Run outside the work tree, so `python -c` cannot import the repository's catdog_nb/ instead of the installed one."
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=venv.parent)
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=venv.parent,
+                          env=outside_env())
 
 
 def test_venv_holds_exactly_the_serving_set(serve_venv):
@@ -90,12 +97,14 @@ def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
     app.mkdir()
     shutil.copy(ROOT / "params.yaml", app)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"CATDOG_ROOT": str(app),
-                                                                           "CATDOG_MODEL_URI": str(model_bundle)}
+    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle)}
     photo = next((ROOT / "data" / "raw" / "dog").glob("*.jpg"))
     with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=app,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp_path / "service.log", timeout=180):
         answer = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=60,
                             files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+    # the page is package data: installed with the wheel, read from the venv
+    assert page.status_code == 200 and page.text == (ROOT / "catdog_nb" / "static" / "index.html").read_text()
     assert answer.status_code == 200, answer.text
     assert answer.json()["label"] in ("cat", "dog") and set(answer.json()["probability"]) == {"cat", "dog"}
