@@ -264,6 +264,13 @@ def test_alert_rules_fire_on_synthetic_series():
 
 # --- Grafana and PromQL ---------------------------------------------------------------------------------------------
 
+def test_service_metrics_are_the_ones_the_service_registers():
+    from catdog_nb.monitoring import ServiceMetrics
+    registered = {family.name + ("_total" if family.type == "counter" else ""): family.type
+                  for family in ServiceMetrics().registry.collect()}
+    assert registered == SERVICE_METRICS
+
+
 def test_metric_names_reads_selectors_only():
     assert metric_names('sum by (le) (rate(a_bucket{route=~"/p(x)", q="}"}[5m] offset 1h)) / on(instance) group_left b'
                         ' > 1e3 and vector(0) or label_replace(c, "d", "$1", "e", "(.*)")') == {"a_bucket", "b", "c"}
@@ -286,7 +293,7 @@ def test_dashboard_panels_query_prometheus():
         assert target["datasource"] == datasource and target["refId"]
 
 
-def test_dashboard_covers_what_the_issue_asks():
+def test_dashboard_shows_latency_errors_predictions_confidence_and_model():
     panels = dashboard()["panels"]
     joined = "\n".join(t["expr"] for _, t in dashboard_targets())
     for quantile in ("0.5", "0.95", "0.99"):

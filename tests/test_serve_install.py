@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -24,10 +23,6 @@ SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.c
                    "catdog_nb.monitoring", "catdog_nb.service"]
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def exported(module: str) -> bool:
-    return (ROOT / (module.replace(".", "/") + ".py")).exists() or (ROOT / module / "__init__.py").exists()
 
 
 def outside_env() -> dict[str, str]:
@@ -70,9 +65,8 @@ def test_venv_holds_exactly_the_serving_set(serve_venv):
 
 
 def test_serving_modules_import_without_research_packages(serve_venv):
-    modules = [m for m in SERVING_MODULES if exported(m)]
     script = ("import importlib, importlib.util, json, sys\n"
-              f"for m in {modules!r}: importlib.import_module(m)\n"
+              f"for m in {SERVING_MODULES!r}: importlib.import_module(m)\n"
               f"print(json.dumps({{p: importlib.util.find_spec(p) is not None for p in {RESEARCH_PACKAGES!r}}}))")
     result = run_in(serve_venv, serve_venv / "bin" / "python", "-c", script)
     assert result.returncode == 0, result.stderr
@@ -80,7 +74,6 @@ def test_serving_modules_import_without_research_packages(serve_venv):
     assert not [p for p, found in present.items() if found]
 
 
-@pytest.mark.skipif(not exported("catdog_nb.cli"), reason="catdog_nb.cli is not exported yet (issue 5)")
 def test_catdog_help_runs(serve_venv):
     result = run_in(serve_venv, serve_venv / "bin" / "catdog", "--help")
     assert result.returncode == 0 and "serve" in result.stdout, result.stdout + result.stderr
@@ -88,9 +81,6 @@ def test_catdog_help_runs(serve_venv):
     assert result.returncode == 0 and "--workers" in result.stdout, result.stdout + result.stderr
 
 
-# LEAD: "serves a prediction" (issue 6). Needs catdog_nb.service (issue 5) and the `model_bundle` fixture from
-# tests/conftest.py (session scope); runs as soon as both exist.
-@pytest.mark.skipif(find_spec("catdog_nb.service") is None, reason="catdog_nb.service is not exported yet (issue 5)")
 def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
     "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI."
     app = tmp_path / "app"
