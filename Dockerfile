@@ -34,19 +34,15 @@ WORKDIR /app
 # params.yaml marks the project root (catdog_nb.core.project_root); the bundle is read-only at run time.
 COPY params.yaml ./
 COPY models/catdog/ models/catdog/
-# Defaults of every setting; the Kubernetes ConfigMap (k8s/configmap.yaml) overrides them.
+# Only what this image's layout decides: the project root and the bundle copied above. Every other CATDOG_*
+# setting keeps its default, which lives in one place (catdog_nb.service.Settings); k8s/configmap.yaml and
+# `docker run -e` override them.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     CATDOG_ROOT=/app \
-    CATDOG_MODEL_URI=/app/models/catdog \
-    CATDOG_MAX_BYTES=10485760 \
-    CATDOG_MAX_PIXELS=40000000 \
-    CATDOG_MAX_BATCH=16 \
-    CATDOG_MAX_WAIT_MS=5 \
-    CATDOG_WORKERS=1 \
-    CATDOG_LOG_LEVEL=INFO
+    CATDOG_MODEL_URI=/app/models/catdog
 USER 10001:10001
 EXPOSE 8000
 # The slim image has no curl: probe /health with the standard library (the port matches CMD below).

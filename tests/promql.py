@@ -9,7 +9,7 @@ MONITORING = Path(__file__).resolve().parents[1] / "deployment" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 ALERTS = MONITORING / "alerts.yml"
 
-# What catdog_nb.service exports (issue 5), name -> Prometheus type.
+# The service's metrics (catdog_nb.monitoring.ServiceMetrics), name -> Prometheus type.
 SERVICE_METRICS = {
     "catdog_requests_total": "counter",
     "catdog_request_duration_seconds": "histogram",

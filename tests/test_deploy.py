@@ -104,6 +104,15 @@ def test_runtime_stage_runs_catdog_serve_as_a_non_root_user():
     assert "curl" not in healthcheck and "wget" not in healthcheck  # neither exists in the slim image
 
 
+def test_image_sets_only_the_settings_its_layout_decides():
+    "The project root and the bundle the image copies; the other CATDOG_* settings keep their one default."
+    env = runtime_env()
+    assert {k for k in env if k.startswith("CATDOG_")} == {"CATDOG_ROOT", "CATDOG_MODEL_URI"}
+    (workdir,) = stages()[-1].args("WORKDIR")
+    copied = {f"{workdir}/{dest.rstrip('/')}" for flags, _, dest in stages()[-1].copies() if not flags}
+    assert env["CATDOG_MODEL_URI"] in copied and env["CATDOG_ROOT"] == workdir
+
+
 def runtime_env() -> dict[str, str]:
     env = {}
     for args in stages()[-1].args("ENV"):
@@ -116,7 +125,7 @@ def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
     for name in ("data/raw/cat/cat.0.jpg", "data/split.csv", "data/features/lite2.parquet", ".venv/bin/python",
                  "mlruns/0/meta.yaml", "mlflow.db", "mlartifacts/1/model.pkl", "nbs/00_core.ipynb",
                  "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
-                 "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py",
+                 "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py", "catdog_nb/static/index.html",
                  "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/dev.txt",
                  "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
                 if line.strip() and not line.lstrip().startswith("#")]
     context = {p for p in exclude_paths(str(tmp_path), patterns, dockerfile="Dockerfile") if (tmp_path / p).is_file()}
     copied = {src.rstrip("/") for stage in stages() for flags, sources, _ in stage.copies() if not flags for src in sources}
-    expected = {"Dockerfile", "catdog_nb/__init__.py", "models/catdog/MLmodel"} | (copied - {"catdog_nb", "models/catdog"})
+    expected = {"Dockerfile", "catdog_nb/__init__.py", "catdog_nb/static/index.html", "models/catdog/MLmodel"} | (copied - {"catdog_nb", "models/catdog"})
     assert context == expected
 
 
@@ -203,12 +212,13 @@ def test_deployment_is_scraped_and_configured(k8s):
     assert container(k8s)["envFrom"] == [{"configMapRef": {"name": k8s["configmap"]["metadata"]["name"]}}]
 
 
-def test_configmap_holds_the_catdog_settings_with_the_image_defaults(k8s):
+def test_configmap_holds_valid_catdog_settings_only(k8s):
+    "Each key is a field of the service's Settings and each value parses there (the defaults live in Settings only)."
+    from catdog_nb.service import Settings
     settings = k8s["configmap"]["data"]
-    assert settings and all(key.startswith("CATDOG_") for key in settings)
-    assert all(isinstance(value, str) for value in settings.values())
-    image_defaults = {k: v for k, v in runtime_env().items() if k.startswith("CATDOG_") and k != "CATDOG_ROOT"}
-    assert settings == image_defaults
+    assert settings and all(isinstance(value, str) for value in settings.values())
+    assert set(settings) <= {f"CATDOG_{name.upper()}" for name in Settings.__dataclass_fields__}
+    Settings.from_env(settings)
 
 
 def test_service_hpa_and_pdb_point_at_the_deployment(k8s):
@@ -254,6 +264,13 @@ def test_alert_rules_fire_on_synthetic_series():
 
 # --- Grafana and PromQL ---------------------------------------------------------------------------------------------
 
+def test_service_metrics_are_the_ones_the_service_registers():
+    from catdog_nb.monitoring import ServiceMetrics
+    registered = {family.name + ("_total" if family.type == "counter" else ""): family.type
+                  for family in ServiceMetrics().registry.collect()}
+    assert registered == SERVICE_METRICS
+
+
 def test_metric_names_reads_selectors_only():
     assert metric_names('sum by (le) (rate(a_bucket{route=~"/p(x)", q="}"}[5m] offset 1h)) / on(instance) group_left b'
                         ' > 1e3 and vector(0) or label_replace(c, "d", "$1", "e", "(.*)")') == {"a_bucket", "b", "c"}
@@ -276,7 +293,7 @@ def test_dashboard_panels_query_prometheus():
         assert target["datasource"] == datasource and target["refId"]
 
 
-def test_dashboard_covers_what_the_issue_asks():
+def test_dashboard_shows_latency_errors_predictions_confidence_and_model():
     panels = dashboard()["panels"]
     joined = "\n".join(t["expr"] for _, t in dashboard_targets())
     for quantile in ("0.5", "0.95", "0.99"):

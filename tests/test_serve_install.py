@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -20,13 +19,15 @@ BIN = Path(sys.executable).parent
 RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx",
                      "torch", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
-SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.service"]
+SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher",
+                   "catdog_nb.monitoring", "catdog_nb.service"]
 
 pytestmark = pytest.mark.timeout(900)
 
 
-def exported(module: str) -> bool:
-    return (ROOT / (module.replace(".", "/") + ".py")).exists() or (ROOT / module / "__init__.py").exists()
+def outside_env() -> dict[str, str]:
+    "The environment without the developer's venv and PYTHONPATH, which would import the work tree's catdog_nb/."
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def serve_venv(tmp_path_factory) -> Path:
             else: shutil.copy(src, dest)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env = outside_env()
     for args in (["-r", context / "requirements" / "serve.txt"], ["--no-deps", context]):
         subprocess.run([BIN / "uv", "pip", "install", "--quiet", "--python", venv / "bin" / "python", *args],
                        check=True, env=env, timeout=600)
@@ -51,7 +52,8 @@ def serve_venv(tmp_path_factory) -> Path:
 
 def run_in(venv: Path, *cmd) -> subprocess.CompletedProcess:
     "Run outside the work tree, so `python -c` cannot import the repository's catdog_nb/ instead of the installed one."
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=venv.parent)
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=venv.parent,
+                          env=outside_env())
 
 
 def test_venv_holds_exactly_the_serving_set(serve_venv):
@@ -63,9 +65,8 @@ def test_venv_holds_exactly_the_serving_set(serve_venv):
 
 
 def test_serving_modules_import_without_research_packages(serve_venv):
-    modules = [m for m in SERVING_MODULES if exported(m)]
     script = ("import importlib, importlib.util, json, sys\n"
-              f"for m in {modules!r}: importlib.import_module(m)\n"
+              f"for m in {SERVING_MODULES!r}: importlib.import_module(m)\n"
               f"print(json.dumps({{p: importlib.util.find_spec(p) is not None for p in {RESEARCH_PACKAGES!r}}}))")
     result = run_in(serve_venv, serve_venv / "bin" / "python", "-c", script)
     assert result.returncode == 0, result.stderr
@@ -73,7 +74,6 @@ def test_serving_modules_import_without_research_packages(serve_venv):
     assert not [p for p, found in present.items() if found]
 
 
-@pytest.mark.skipif(not exported("catdog_nb.cli"), reason="catdog_nb.cli is not exported yet (issue 5)")
 def test_catdog_help_runs(serve_venv):
     result = run_in(serve_venv, serve_venv / "bin" / "catdog", "--help")
     assert result.returncode == 0 and "serve" in result.stdout, result.stdout + result.stderr
@@ -81,21 +81,20 @@ def test_catdog_help_runs(serve_venv):
     assert result.returncode == 0 and "--workers" in result.stdout, result.stdout + result.stderr
 
 
-# LEAD: "serves a prediction" (issue 6). Needs catdog_nb.service (issue 5) and the `model_bundle` fixture from
-# tests/conftest.py (session scope); runs as soon as both exist.
-@pytest.mark.skipif(find_spec("catdog_nb.service") is None, reason="catdog_nb.service is not exported yet (issue 5)")
 def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
     "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI."
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(ROOT / "params.yaml", app)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"CATDOG_ROOT": str(app),
-                                                                           "CATDOG_MODEL_URI": str(model_bundle)}
+    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle)}
     photo = next((ROOT / "data" / "raw" / "dog").glob("*.jpg"))
     with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=app,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp_path / "service.log", timeout=180):
         answer = httpx.post(f"http://127.0.0.1:{port}/predict", timeout=60,
                             files={"file": (photo.name, photo.read_bytes(), "image/jpeg")})
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+    # the page is package data: installed with the wheel, read from the venv
+    assert page.status_code == 200 and page.text == (ROOT / "catdog_nb" / "static" / "index.html").read_text()
     assert answer.status_code == 200, answer.text
     assert answer.json()["label"] in ("cat", "dog") and set(answer.json()["probability"]) == {"cat", "dog"}

@@ -287,17 +287,56 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1000, "height": 700}
+# The boxes a user sees: none may overlap another, and each lies inside the viewport (no scrolling to see a result).
+PAGE_BOXES = {"heading": "h1", "drop zone": "#drop", "photo": "#preview", "result": "#result"}
+BOXES_SCRIPT = """selectors => Object.fromEntries(Object.entries(selectors).map(([name, selector]) => {
+  const r = document.querySelector(selector).getBoundingClientRect();
+  return [name, [r.left, r.top, r.right, r.bottom]]; }))"""
+
+
+def layout_problems(boxes: dict[str, list[float]], viewport: dict) -> list[str]:
+    "What is wrong with the layout of `boxes` (name -> [left, top, right, bottom]): empty, overlapping, off screen."
+    problems = [f"{name} is not shown" for name, (l, t, r, b) in boxes.items() if r - l < 1 or b - t < 1]
+    problems += [f"{name} is outside the {viewport['width']}x{viewport['height']} viewport" for name, (l, t, r, b) in boxes.items()
+                 if l < 0 or t < 0 or r > viewport["width"] or b > viewport["height"]]
+    names = list(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (al, at, ar, ab), (bl, bt, br, bb) = boxes[a], boxes[b]
+            if min(ar, br) - max(al, bl) > 0.5 and min(ab, bb) - max(at, bt) > 0.5: problems.append(f"{a} overlaps {b}")
+    return problems
+
+
+def launch(p):
+    if not CHROMIUM.exists(): pytest.fail("chromium is missing: run `make tools` (installs Debian's chromium)")
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def test_layout_check_sees_an_overlap():
+    "The check below is not blind: an inline label with padding under a heading (the page's old bug) overlaps it."
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_content('<h1>Cat or dog?</h1><label id="drop" style="padding:2rem;border:2px dashed">Drop</label>'
+                             '<img id="preview"><div id="result"></div>')
+            boxes = page.evaluate(BOXES_SCRIPT, {"heading": "h1", "drop zone": "#drop"})
+        finally:
+            browser.close()
+    assert layout_problems(boxes, VIEWPORT) == ["heading overlaps drop zone"]
 
 
 def test_upload_page_in_headless_chromium(server, training_photos, tmp_path):
-    if not CHROMIUM.exists(): pytest.fail("chromium is missing: run `make tools` (installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
     not_a_photo = tmp_path / "notes.jpg"
     not_a_photo.write_text("not a photo")
+    screenshot = tmp_path / "upload-page.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport=VIEWPORT)
             external = []
             page.on("request", lambda r: external.append(r.url) if not r.url.startswith(server["url"]) and not r.url.startswith("blob:") else None)
             page.goto(server["url"] + "/")
@@ -306,6 +345,11 @@ def test_upload_page_in_headless_chromium(server, training_photos, tmp_path):
                 page.wait_for_function(f"document.getElementById('label').textContent === '{label}'", timeout=30_000)
                 confidence = page.text_content("#confidence")
                 assert confidence.endswith("%") and 50 <= float(confidence[:-1]) <= 100
+            page.wait_for_function("document.getElementById('preview').complete", timeout=30_000)
+            page.screenshot(path=screenshot)
+            print(f"screenshot of the upload page with a result: {screenshot}")
+            problems = layout_problems(page.evaluate(BOXES_SCRIPT, PAGE_BOXES), VIEWPORT)
+            assert problems == [], problems
             page.set_input_files("#file", str(not_a_photo))
             page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
             assert "not a usable image" in page.text_content("#error")
