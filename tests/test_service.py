@@ -247,7 +247,8 @@ def test_service_features_equal_pipeline_features(model_bundle, backbones, unsee
     from catdog_nb.data import read_image
     from catdog_nb.features import FeatureExtractor
     from catdog_nb.service import ServiceState, Settings
-    from catdog_nb.train import predict_proba, read_bundle
+    from catdog_nb.bundle import read_bundle
+    from catdog_nb.train import predict_proba
 
     meta, booster = read_bundle(model_bundle)
     blobs = [p.read_bytes() for p in unseen_photos]
