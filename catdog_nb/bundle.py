@@ -86,7 +86,7 @@ def read_bundle_meta(path: Path | str) -> dict:
     path = Path(path)
     try: meta = json.loads((path / BUNDLE_FILE).read_text())
     except (OSError, ValueError) as e: raise BundleError(f"{path / BUNDLE_FILE}: {e}") from e
-    missing = {"version", "classes", "feature_sets", "features", "booster", "backbones"} - set(meta)
+    missing = {"name", "version", "classes", "feature_sets", "features", "booster", "backbones"} - set(meta)
     if missing: raise BundleError(f"{path / BUNDLE_FILE} lacks {sorted(missing)}")
     if len(meta["classes"]) != 2: raise BundleError(f"expected two classes, got {meta['classes']}")
     if not (path / meta["booster"]).is_file(): raise BundleError(f"booster file {path / meta['booster']} is missing")

@@ -75,20 +75,22 @@ def load(cls: Classifier, uri: str | Path | None = None, batch_size: int = 32,
     get_logger(__name__).info("loaded model %s version %s from %s", meta["name"], meta["version"], uri)
     return cls(path, meta, booster, extractor, batch_size, max_pixels)
 
-# %% ../nbs/09_predict.ipynb #4ad7f7cb
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size): yield items[start:start + size]
-
+# %% ../nbs/09_predict.ipynb #277f7841
 @patch
 def features(self: Classifier, images: Sequence[np.ndarray]) -> np.ndarray:
     "`(n, d)` float32 features of BGR uint8 images, exactly as training computed them."
     return self.extractor.transform(list(images))
 
+# %% ../nbs/09_predict.ipynb #47a78dbf
 @patch
 def predict_features(self: Classifier, features: np.ndarray) -> np.ndarray:
     "`(n, 2)` class probabilities of a feature matrix (the booster predicts P(`classes[1]`))."
     p = np.asarray(self.booster.predict(features), np.float64).reshape(-1)
     return np.column_stack([1.0 - p, p])
+
+# %% ../nbs/09_predict.ipynb #4ccab5cb
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size): yield items[start:start + size]
 
 @patch
 def predict_images(self: Classifier, images: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
@@ -97,14 +99,16 @@ def predict_images(self: Classifier, images: Sequence[np.ndarray], batch_size: i
     return np.concatenate([self.predict_features(self.features(chunk))
                            for chunk in _chunks(list(images), batch_size or self.batch_size)])
 
-# %% ../nbs/09_predict.ipynb #50e8f68e
+# %% ../nbs/09_predict.ipynb #8e4ca31f
 @patch
 def decode(self: Classifier, data: bytes) -> np.ndarray:
     "`catdog_nb.data.decode_image` with this classifier's pixel limit: the only way bytes become an image."
     return decode_image(data, self.max_pixels)
 
+# %% ../nbs/09_predict.ipynb #fd1e7c3f
 @patch
 def predictions(self: Classifier, probabilities: np.ndarray) -> list[Prediction]:
+    "A `Prediction` per row of class probabilities."
     return [Prediction.from_row(self.classes, row) for row in probabilities]
 
 @patch
@@ -118,7 +122,7 @@ def predict_bytes(self: Classifier, blobs: Sequence[bytes], batch_size: int | No
     for i, prediction in zip(where, self.predictions(self.predict_images(images, batch_size))): results[i] = prediction
     return results
 
-# %% ../nbs/09_predict.ipynb #bc38e7ab
+# %% ../nbs/09_predict.ipynb #f5af3bc9
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     "Files as given, and every file under each folder (recursively, sorted, hidden ones skipped)."
     out = []
@@ -150,14 +154,14 @@ def predict_paths(self: Classifier, paths: Iterable[str | Path], batch_size: int
     finally:
         if bar is not None: bar.close()
 
-# %% ../nbs/09_predict.ipynb #a32b5bfc
+# %% ../nbs/09_predict.ipynb #f400c06d
 def error_text(e: Exception) -> str:
     "`reason: message` of a typed error, for people and scripts alike."
     reason = getattr(e, "reason", None) or ("unreadable" if isinstance(e, OSError) else type(e).__name__)
     message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return f"{reason}: {message}"
 
-# %% ../nbs/09_predict.ipynb #7bcd27d2
+# %% ../nbs/09_predict.ipynb #546c8c89
 def predict_command(paths: Sequence[str], model: str | None = None, batch_size: int = 32, out=None) -> int:
     "Run `catdog predict` with `model` (default `default_model_uri()`): JSON lines to `out` (default stdout); returns the exit status."
     import sys
