@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from catdog_nb.bundle import read_bundle_meta
 from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def client(server):
 
 def test_health_ready_and_docs(client, model_bundle):
     assert client.get("/health").json() == {"status": "ok"}
-    version = json.loads((model_bundle / "bundle.json").read_text())["version"]
+    version = read_bundle_meta(model_bundle)["version"]
     assert client.get("/ready").json() == {"status": "ready", "model_version": version}
     schema = client.get("/schema/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health", "/ready", "/metrics"} <= set(schema["paths"])
@@ -209,7 +210,7 @@ def test_metrics_move(client, photo, model_bundle):
     assert delta("catdog_prediction_confidence_count") == 3
     assert delta("catdog_inference_duration_seconds_count") >= 1
     assert delta("catdog_batch_size_sum") == 3
-    version = json.loads((model_bundle / "bundle.json").read_text())["version"]
+    version = read_bundle_meta(model_bundle)["version"]
     assert sample(after, "catdog_model_info", version=version) == 1
     assert sample(after, "catdog_requests_in_flight") == 1  # the /metrics request itself
 
