@@ -3,7 +3,6 @@ metrics, the OpenAPI schema under schemathesis, the upload page in headless Chro
 service path equal to the pipeline's."""
 import asyncio
 import base64
-import json
 import os
 import socket
 import struct
