@@ -1,7 +1,7 @@
 """Hostile inputs, built in code (no downloaded samples): one generator per class of attack on the decoder, the
 service and the CLI. Each generator is parametric, so that a test defends the class, not one example.
 
-Classes (see `HOSTILE` for the rows the adversarial suite sends):
+Classes:
 - a header that lies: a JPEG marker chain that hides a small frame header from a naive parser in front of the real,
   large frame; a frame header patched to a huge size in front of a few bytes of scan data;
 - sizes over the decoder's own limits while under the pixel limit (a BMP 2,000,000 x 1);
@@ -11,12 +11,15 @@ Classes (see `HOSTILE` for the rows the adversarial suite sends):
   (150 KB of APP11, as cameras and C2PA write): these must be ACCEPTED;
 - truncations of every format at every structural point; formats OpenCV reads but the service does not accept;
 - mutations of real JPEG/PNG/WebP/BMP headers (`mutated`, driven by hypothesis in the tests).
+
+`ROWS` names every fixed input with its expected outcome; `hostile_bytes(name)` builds it once.
 """
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -179,13 +182,7 @@ def webp_with_canvas(webp: bytes, width: int, height: int) -> bytes:
 
 # --- truncations, other formats, mutations --------------------------------------------------------------------------
 
-def truncations(data: bytes) -> Iterator[tuple[str, bytes]]:
-    "`data` cut at structural points: inside the signature, the header, the first data, half-way, the last byte."
-    for name, cut in (("signature", 3), ("header", 20), ("first_kb", 1024), ("half", len(data) // 2),
-                      ("last_byte", len(data) - 1)):
-        if 0 < cut < len(data): yield name, data[:cut]
-
-
+@functools.cache
 def unsupported_formats() -> dict[str, bytes]:
     "Formats OpenCV may decode that the service does not accept, and things that are not images at all."
     image = gradient(32, 32)
@@ -214,11 +211,16 @@ def base_images(photos: list[Path]) -> dict[str, bytes]:
     return out
 
 
-MUTATIONS = ("flip", "set", "insert", "delete", "truncate")
+MUTATIONS = ("flip", "set", "insert", "delete", "truncate", "be16", "le16", "be32", "le32")
+# sizes and lengths that sit on the limits of decoders (AFL's "interesting values", plus OpenCV's and JPEG's limits)
+INTERESTING = (0, 1, 2, 7, 8, 255, 256, 1023, 4096, 16_383, 16_384, 32_767, 32_768, 65_500, 65_535, 65_536,
+               1 << 20, (1 << 20) + 1, 40_000_001, (1 << 31) - 1, 1 << 31, (1 << 32) - 1)
 
 
 def mutated(data: bytes, edits: list[tuple[str, int, int]], window: int = 512) -> bytes:
-    "`data` with each `(kind, position, value)` edit applied inside its first `window` bytes."
+    """`data` with each `(kind, position, value)` edit applied inside its first `window` bytes: a bit flipped, a byte
+    set, bytes inserted or deleted, the data cut, or a 16/32-bit field (big or little endian) set to an interesting
+    value (`value` indexes `INTERESTING`)."""
     out = bytearray(data)
     for kind, position, value in edits:
         i = position % max(1, min(window, len(out)))
@@ -227,6 +229,10 @@ def mutated(data: bytes, edits: list[tuple[str, int, int]], window: int = 512) -
         elif kind == "insert": out[i:i] = bytes((value & 0xFF,)) * (1 + value // 256)
         elif kind == "delete": del out[i:i + 1 + value // 256]
         elif kind == "truncate": del out[max(1, i + value * 64):]
+        else:
+            width, order = int(kind[2:]) // 8, "big" if kind.startswith("be") else "little"
+            number = INTERESTING[value % len(INTERESTING)] % (1 << (8 * width))
+            out[i:i + width] = number.to_bytes(width, order)
     return bytes(out)
 
 
@@ -242,37 +248,59 @@ def with_bytes_before_frame(jpeg: bytes, junk: bytes) -> bytes:
     return jpeg[:sof] + junk + jpeg[sof:]
 
 
+@functools.cache
+def photo_jpeg() -> bytes:
+    "A 200 x 200 JPEG like the dataset's photos."
+    return large_jpeg(200, 200, quality=90)
+
+
+@functools.cache
+def small_photo(fmt: str) -> bytes:
+    return photo_jpeg() if fmt == "jpeg" else encode(gradient(200, 200), f".{fmt}")
+
+
+CUTS = ("signature", "header", "first_kb", "half", "last_byte")
+
+
+def truncated(data: bytes, cut: str) -> bytes:
+    "`data` cut at a structural point: inside the signature, the header, the first KB, half-way, the last byte."
+    return data[:{"signature": 3, "header": 20, "first_kb": 1024, "half": len(data) // 2, "last_byte": len(data) - 1}[cut]]
+
+
 # expected outcomes: `too_large` (413 / ImageTooLargeError), `refused` (400 or 413 / any ImageError),
 # `valid` (200 / an H x W x 3 uint8 array), `either` (refused or valid: the bytes are complete enough to decode)
-def hostile_inputs() -> dict[str, tuple[bytes, str]]:
-    "Name -> (bytes, expected outcome) for every fixed row of the adversarial suite."
-    photo = large_jpeg(200, 200, quality=90)
-    rows = {
-        "misleading_marker_chain": (misleading_jpeg(), "refused"),
-        "misleading_marker_chain_small_frame": (misleading_jpeg(200, 200), "refused"),
-        "size_bomb_jpeg": (size_bomb_jpeg(), "too_large"),
-        "bomb_behind_exif_thumbnail": (with_exif_thumbnail(size_bomb_jpeg(), small_jpeg(8)), "too_large"),
-        "garbage_before_frame": (with_bytes_before_frame(photo, b"\x00\x17\x42"), "refused"),
-        "jpeg_zero_height": (size_bomb_jpeg(200, 0), "refused"),
-        "jpeg_over_format_limit": (size_bomb_jpeg(65_535, 1), "refused"),
-        "many_scans_jpeg": (many_scans_jpeg(), "refused"),
-        "wide_bmp": (wide_bmp(), "refused"),
-        "tall_bmp": (wide_bmp(1, 2_000_000), "refused"),
-        "bmp_negative_width": (bmp(-200, 200, bits=8, pixels=b"\x00" * 200 * 200), "refused"),
-        "wide_png": (zeros_png(2_000_000, 1, channels=1), "refused"),
-        "png_header_bomb": (png_header_only(100_000, 100_000), "too_large"),
-        "webp_canvas_lies": (webp_with_canvas(encode(gradient(64, 64), ".webp"), 16_000, 16_000), "too_large"),
-        "rgba_png_near_limit": (zeros_png(6300, 6300, channels=4, depth=8), "valid"),
-        "rgba16_png_near_limit": (zeros_png(6300, 6300, channels=4, depth=16), "valid"),
-        "gray16_png_near_limit": (zeros_png(6300, 6300, channels=1, depth=16), "valid"),
-        "camera_jpeg_150kb_app11": (jpeg_with_metadata(photo), "valid"),
-        "camera_jpeg_500kb_app11": (jpeg_with_metadata(photo, 500_000), "valid"),
-        "photo_with_exif_thumbnail": (with_exif_thumbnail(photo, small_jpeg(160)), "valid"),
-        "fill_bytes_before_frame": (with_bytes_before_frame(photo, b"\xff\xff\xff"), "valid"),
-        "photo_then_second_jpeg": (photo + small_jpeg(64), "valid"),  # MPF: depth maps and previews after EOI
-    }
-    for fmt, blob in (("jpeg", photo), ("png", encode(gradient(200, 200), ".png")),
-                      ("webp", encode(gradient(200, 200), ".webp")), ("bmp", encode(gradient(200, 200), ".bmp"))):
-        for cut, data in truncations(blob): rows[f"truncated_{fmt}_{cut}"] = (data, "either" if cut == "last_byte" else "refused")
-    for fmt, data in unsupported_formats().items(): rows[f"unsupported_{fmt}"] = (data, "refused")
-    return rows
+ROWS: dict[str, tuple[Callable[[], bytes], str]] = {
+    "misleading_marker_chain": (misleading_jpeg, "refused"),
+    "misleading_marker_chain_small_frame": (lambda: misleading_jpeg(200, 200), "refused"),
+    "size_bomb_jpeg": (size_bomb_jpeg, "too_large"),
+    "bomb_behind_exif_thumbnail": (lambda: with_exif_thumbnail(size_bomb_jpeg(), small_jpeg(8)), "too_large"),
+    "garbage_before_frame": (lambda: with_bytes_before_frame(photo_jpeg(), b"\x00\x17\x42"), "refused"),
+    "jpeg_zero_height": (lambda: size_bomb_jpeg(200, 0), "refused"),
+    "jpeg_over_format_limit": (lambda: size_bomb_jpeg(65_535, 1), "refused"),
+    "many_scans_jpeg": (many_scans_jpeg, "refused"),
+    "wide_bmp": (wide_bmp, "refused"),
+    "tall_bmp": (lambda: wide_bmp(1, 2_000_000), "refused"),
+    "bmp_negative_width": (lambda: bmp(-200, 200, bits=8, pixels=b"\x00" * 200 * 200), "refused"),
+    "wide_png": (lambda: zeros_png(2_000_000, 1, channels=1), "refused"),
+    "png_header_bomb": (lambda: png_header_only(100_000, 100_000), "too_large"),
+    "webp_canvas_lies": (lambda: webp_with_canvas(encode(gradient(64, 64), ".webp"), 16_000, 16_000), "too_large"),
+    "rgba_png_near_limit": (lambda: zeros_png(6300, 6300, channels=4, depth=8), "valid"),
+    "rgba16_png_near_limit": (lambda: zeros_png(6300, 6300, channels=4, depth=16), "valid"),
+    "gray16_png_near_limit": (lambda: zeros_png(6300, 6300, channels=1, depth=16), "valid"),
+    "camera_jpeg_150kb_app11": (lambda: jpeg_with_metadata(photo_jpeg()), "valid"),
+    "camera_jpeg_500kb_app11": (lambda: jpeg_with_metadata(photo_jpeg(), 500_000), "valid"),
+    "photo_with_exif_thumbnail": (lambda: with_exif_thumbnail(photo_jpeg(), small_jpeg(160)), "valid"),
+    "fill_bytes_before_frame": (lambda: with_bytes_before_frame(photo_jpeg(), b"\xff\xff\xff"), "valid"),
+    "photo_then_second_jpeg": (lambda: photo_jpeg() + small_jpeg(64), "valid"),  # MPF: previews, depth maps after EOI
+    **{f"truncated_{fmt}_{cut}": (functools.partial(lambda f, c: truncated(small_photo(f), c), fmt, cut),
+                                  "either" if cut == "last_byte" else "refused")
+       for fmt in ("jpeg", "png", "webp", "bmp") for cut in CUTS},
+    **{f"unsupported_{fmt}": (functools.partial(lambda f: unsupported_formats()[f], fmt), "refused")
+       for fmt in ("tiff", "ppm", "pgm", "gif", "pdf", "svg", "html", "zip", "text", "nul")},
+}
+
+
+@functools.cache
+def hostile_bytes(name: str) -> bytes:
+    "The bytes of row `name` of `ROWS` (built once)."
+    return ROWS[name][0]()
