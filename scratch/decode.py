@@ -32,6 +32,7 @@ class ImageHeader:
     width: int
     height: int
     has_alpha: bool
+    bits: int = 8  # per sample: 16-bit images with alpha decode to 8 bytes per pixel
 
 
 # --- JPEG: the whole marker chain -----------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def _png_header(b: bytes) -> ImageHeader:
     if depth not in _PNG_DEPTHS.get(color_type, ()) or compression or filtering or interlace > 1:
         raise CorruptImageError(f"PNG: invalid header (colour type {color_type}, depth {depth})")
     has_alpha = color_type in (4, 6) or b.find(b"tRNS", 33) > 0  # a tRNS chunk makes palette/RGB/grey transparent
-    return ImageHeader("png", width, height, has_alpha)
+    return ImageHeader("png", width, height, has_alpha, 16 if depth == 16 else 8)
 
 
 def _webp_header(b: bytes) -> ImageHeader:
@@ -151,12 +152,14 @@ def jpeg_scale(width: int, height: int, target: int = DECODE_TARGET_SIDE) -> int
 
 
 def _composite_on_white(bgra: np.ndarray, rows: int = 256) -> np.ndarray:
-    "BGR of a uint8 BGRA image over white, in uint8 arithmetic strip by strip (no full-size float temporaries)."
-    out = np.empty(bgra.shape[:2] + (3,), np.uint8)
+    """A BGRA image (8 or 16 bits) over white as 8-bit BGRA, strip by strip in integer arithmetic: no full-size
+    float temporaries (today's float32 compositing peaks near 36 bytes per pixel)."""
+    out = bgra if bgra.dtype == np.uint8 else np.empty(bgra.shape, np.uint8)  # 8-bit: composited in place
     for top in range(0, bgra.shape[0], rows):
         strip = bgra[top:top + rows]
+        if strip.dtype == np.uint16: strip = (strip >> 8).astype(np.uint8)
         alpha = strip[:, :, 3:4].astype(np.uint16)
-        out[top:top + rows] = (strip[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        out[top:top + rows, :, :3] = (strip[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255
     return out
 
 
@@ -170,20 +173,27 @@ def _shrink(image: np.ndarray, max_pixels: int = DECODED_MAX_PIXELS) -> np.ndarr
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     "Bytes -> upright `H x W x 3` uint8 BGR array of at most `DECODED_MAX_PIXELS`, or a typed `ImageError`."
-    data = bytes(data)
     header = read_header(data)
     pixels = header.width * header.height
     if pixels > max_pixels:
         raise ImageTooLargeError(f"{header.width}x{header.height} = {pixels:,} pixels is over the limit of {max_pixels:,}")
+    # `max_pixels` is the limit of an 8-bit RGB image; images with alpha (4 or 8 bytes per pixel once decoded) get the
+    # same number of bytes, so that one decode never holds more than 2 x 3 x max_pixels bytes (libpng double-buffers)
+    decoded = pixels * ((8 if header.bits == 16 else 4) if header.has_alpha else 3)
+    if decoded > 3 * max_pixels:
+        raise ImageTooLargeError(f"{header.width}x{header.height} with alpha decodes to {decoded:,} bytes, over the "
+                                 f"limit of {3 * max_pixels:,} ({max_pixels:,} RGB pixels)")
     if max(header.width, header.height) > MAX_SIDE:  # under the pixel limit, over what the decoders accept
         raise CorruptImageError(f"{header.format}: a side of {max(header.width, header.height):,} pixels (at most {MAX_SIDE:,})")
-    # JPEG: libjpeg scales while decoding. Others: 8-bit (libpng strips 16-bit), alpha kept, EXIF orientation applied.
-    flags = _REDUCED[jpeg_scale(header.width, header.height)] if header.format == "jpeg" else cv2.IMREAD_ANYCOLOR
+    # Alpha needs UNCHANGED (8 or 16 bits, no EXIF rotation, as before); the rest IMREAD_COLOR (8-bit BGR, EXIF
+    # orientation applied), JPEGs reduced by libjpeg while decoding.
+    flags = (cv2.IMREAD_UNCHANGED if header.has_alpha else
+             _REDUCED[jpeg_scale(header.width, header.height)] if header.format == "jpeg" else cv2.IMREAD_COLOR)
     try: image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error: image = None  # OpenCV's own limits and decoder failures; the header check refuses most first
     if image is None or image.size == 0: raise CorruptImageError(f"{header.format}: the decoder could not read the data")
-    if image.dtype != np.uint8: raise UnsupportedImageError(f"{header.format}: {image.dtype} samples")
-    if image.ndim == 2: image = cv2.cvtColor(_shrink(image), cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4: image = _shrink(_composite_on_white(image))
-    else: image = _shrink(image)
-    return image
+    if image.dtype not in (np.uint8, np.uint16): raise UnsupportedImageError(f"{header.format}: {image.dtype} samples")
+    if image.ndim == 2: image = image[:, :, None]
+    if image.shape[2] == 4: return cv2.cvtColor(_shrink(_composite_on_white(image)), cv2.COLOR_BGRA2BGR)
+    if image.dtype == np.uint16: image = (image >> 8).astype(np.uint8)  # alpha-less 16-bit WebP/BMP do not exist: kept for safety
+    return _shrink(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.shape[2] == 1 else image)
