@@ -142,6 +142,39 @@ def test_decoding_memory_has_a_known_ceiling(name, training_photos, tmp_path):
     assert peak <= bytes_per_pixel * 40_000_000 + 16 * MIB, f"{name}: +{peak / MIB:.0f} MiB"
 
 
+CAP_PROBE = r"""
+import importlib, os, sys
+seen = {}
+class WatchCv2:
+    "Records the environment at the moment cv2 is first imported."
+    def find_spec(self, name, path=None, target=None):
+        if name == "cv2": seen.setdefault("cap", os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"))
+sys.meta_path.insert(0, WatchCv2())
+importlib.import_module(sys.argv[1])
+import cv2, numpy as np
+png = cv2.imencode(".png", np.zeros((100, 100, 3), np.uint8))[1]
+try: cv2.imdecode(png, cv2.IMREAD_COLOR); refused = False
+except cv2.error: refused = True
+print(seen.get("cap"), refused)
+"""
+
+
+def catdog_modules() -> list[str]:
+    import pkgutil, catdog_nb
+    return [f"catdog_nb.{m.name}" for m in pkgutil.iter_modules(catdog_nb.__path__) if not m.name.startswith("_")]
+
+
+@pytest.mark.parametrize("module", catdog_modules())
+def test_opencv_pixel_cap_is_set_before_cv2_loads(module):
+    "Importing any catdog module first sets OpenCV's own decode limit from CATDOG_MAX_PIXELS (read once, at load)."
+    env = {**os.environ, "CATDOG_MAX_PIXELS": "5000"}
+    env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
+    run = subprocess.run([sys.executable, "-c", CAP_PROBE, module], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["5000", "True"], run.stdout
+
+
 # --- (b) the service ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
