@@ -108,6 +108,15 @@ async def drive(host: str, port: int, requests: list[dict], concurrency: int, on
     return results
 
 
+def server_5xx(host: str, port: int) -> float:
+    "The server's own count of 5xx answers (catdog_requests_total), which includes the clients that hung up."
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"http://{host}:{port}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "catdog_requests_total" and s.labels.get("status", "").startswith("5"))
+
+
 def report(results: list, memory: dict) -> dict:
     statuses: dict[int, int] = {}
     for _, status, _ in results: statuses[status] = statuses.get(status, 0) + 1
@@ -120,7 +129,8 @@ def report(results: list, memory: dict) -> dict:
     print(f"{len(results)} requests: statuses {figures['statuses']} (-1: client hung up on purpose, 0: connection failed)")
     print(f"5xx: {figures['server_errors']}; answers not among those expected: {len(unexpected)} {unexpected[:5]}")
     if good: print(f"good requests: p50 {figures['good_p50_ms']:.1f} ms, p99 {figures['good_p99_ms']:.1f} ms")
-    if memory:
+    print(f"5xx counted by the server (catdog_requests_total): {memory['server_5xx']:.0f}")
+    if "rss_warm" in memory:
         drift = memory["rss_end"] / memory["rss_warm"] - 1
         print(f"server resident memory: {memory['rss_warm']:.0f} MiB after warm-up, {memory['peak']:.0f} MiB peak, "
               f"{memory['rss_end']:.0f} MiB at the end ({drift:+.1%})")
@@ -135,7 +145,9 @@ def soak(port: int, pid: int | None, n_requests: int = 10_000, concurrency: int 
     asyncio.run(drive(host, port, (warm * (warm_up // len(warm) + 1))[:warm_up], concurrency))
     memory = {}
     if pid: memory["rss_warm"] = memory_mib(pid)["rss"]
+    errors_before = server_5xx(host, port)
     results = asyncio.run(drive(host, port, plan(n_requests, photos, hostile_share), concurrency))
+    memory["server_5xx"] = server_5xx(host, port) - errors_before
     if pid:
         time.sleep(2)  # let the last requests finish on the server's side
         now = memory_mib(pid)
