@@ -381,7 +381,8 @@ def predict_run(bundle: Path, paths: list, timeout: float = 300, memory_limit: i
         if memory_limit: resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     try:
         return subprocess.run([BIN / "catdog", "predict", "--model", str(bundle), *map(str, paths)],
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, preexec_fn=limit)
+                              capture_output=True, text=True, errors="replace", timeout=timeout, cwd=ROOT,
+                              preexec_fn=limit)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"catdog predict still running after {timeout:.0f} s (blocked on a path?): {e.stdout!r}")
 
@@ -508,7 +509,7 @@ def bundle_copy(model_bundle, tmp_path) -> Path:
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_bundle_is_refused_with_bundle_error(bundle_copy, damage):
     DAMAGES[damage](bundle_copy)
-    run = subprocess.run([sys.executable, "-c", LOAD, str(bundle_copy)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", LOAD, str(bundle_copy)], capture_output=True, text=True, errors="replace",
                          timeout=300, cwd=ROOT)  # a subprocess: LightGBM may abort the process on a damaged file
     assert run.returncode == 0 and run.stdout.startswith("BundleError:"), (run.returncode, run.stdout, run.stderr[-2000:])
 
