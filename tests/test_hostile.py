@@ -152,6 +152,7 @@ class WatchCv2:
         if name == "cv2": seen.setdefault("cap", os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"))
 sys.meta_path.insert(0, WatchCv2())
 importlib.import_module(sys.argv[1])
+if "cv2" not in sys.modules: print("no-cv2"); sys.exit()  # nothing to protect: the module does not decode
 import cv2, numpy as np
 png = cv2.imencode(".png", np.zeros((100, 100, 3), np.uint8))[1]
 try: cv2.imdecode(png, cv2.IMREAD_COLOR); refused = False
@@ -167,13 +168,13 @@ def catdog_modules() -> list[str]:
 
 @pytest.mark.parametrize("module", catdog_modules())
 def test_opencv_pixel_cap_is_set_before_cv2_loads(module):
-    "Importing any catdog module first sets OpenCV's own decode limit from CATDOG_MAX_PIXELS (read once, at load)."
+    "A catdog module that loads cv2 sets OpenCV's own decode limit from CATDOG_MAX_PIXELS first (read once, at load)."
     env = {**os.environ, "CATDOG_MAX_PIXELS": "5000"}
     env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
     run = subprocess.run([sys.executable, "-c", CAP_PROBE, module], env=env, capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["5000", "True"], run.stdout
+    assert run.stdout.split() in (["5000", "True"], ["no-cv2"]), run.stdout
 
 
 # --- (b) the service ----------------------------------------------------------------------------------------------
