@@ -94,7 +94,7 @@ EDIT = st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 63) | st.integers(0,
 WIDE_BMP_EDITS = [("le32", 18, INTERESTING.index((1 << 20) + 1)), ("le32", 22, INTERESTING.index(2))]
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(0, 2 * len(SEED_FORMATS) - 1), edits=st.lists(EDIT, min_size=1, max_size=6))
 @example(seed=SEED_FORMATS.index("bmp"), edits=WIDE_BMP_EDITS)  # a width over OpenCV's limit, few pixels
@@ -152,7 +152,6 @@ class WatchCv2:
         if name == "cv2": seen.setdefault("cap", os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"))
 sys.meta_path.insert(0, WatchCv2())
 importlib.import_module(sys.argv[1])
-if "cv2" not in sys.modules: print("no-cv2"); sys.exit()  # nothing to protect: the module does not decode
 import cv2, numpy as np
 png = cv2.imencode(".png", np.zeros((100, 100, 3), np.uint8))[1]
 try: cv2.imdecode(png, cv2.IMREAD_COLOR); refused = False
@@ -161,20 +160,22 @@ print(seen.get("cap"), refused)
 """
 
 
-def catdog_modules() -> list[str]:
-    import pkgutil, catdog_nb
-    return [f"catdog_nb.{m.name}" for m in pkgutil.iter_modules(catdog_nb.__path__) if not m.name.startswith("_")]
+def cv2_importers() -> list[str]:
+    "The catdog modules that import cv2 themselves: any other one gets cv2 through one of them."
+    import catdog_nb
+    return sorted(f"catdog_nb.{p.stem}" for p in Path(catdog_nb.__file__).parent.glob("*.py")
+                  if re.search(r"^import cv2\b", p.read_text(), re.M))
 
 
-@pytest.mark.parametrize("module", catdog_modules())
+@pytest.mark.parametrize("module", cv2_importers())
 def test_opencv_pixel_cap_is_set_before_cv2_loads(module):
-    "A catdog module that loads cv2 sets OpenCV's own decode limit from CATDOG_MAX_PIXELS first (read once, at load)."
+    "Each catdog module that loads cv2 sets OpenCV's own decode limit from CATDOG_MAX_PIXELS first (read once, at load)."
     env = {**os.environ, "CATDOG_MAX_PIXELS": "5000"}
     env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
     run = subprocess.run([sys.executable, "-c", CAP_PROBE, module], env=env, capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() in (["5000", "True"], ["no-cv2"]), run.stdout
+    assert run.stdout.split() == ["5000", "True"], run.stdout
 
 
 # --- (b) the service ----------------------------------------------------------------------------------------------
@@ -302,10 +303,10 @@ def test_problem_details_carry_no_exception_text(client, name):
 
 @pytest.fixture(scope="module")
 def strict_server(model_bundle, tmp_path_factory):
-    "`catdog serve` with a 3 s request deadline, for the slow-client rows."
+    "`catdog serve` with a 2 s request deadline, for the slow-client rows."
     tmp = tmp_path_factory.mktemp("strict")
     port = free_port()
-    env = {**os.environ, "CATDOG_MODEL_URI": str(model_bundle), "CATDOG_REQUEST_TIMEOUT_S": "3"}
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_bundle), "CATDOG_REQUEST_TIMEOUT_S": "2"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with running([BIN / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=ROOT,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp / "server.log", timeout=180) as proc:
@@ -326,7 +327,7 @@ def answer_or_close(sock: socket.socket, wait_s: float) -> bytes:
 def test_a_client_that_never_finishes_its_headers_is_cut_off(strict_server):
     with socket.create_connection(("127.0.0.1", strict_server["port"])) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n")
-        answer = answer_or_close(s, 30)
+        answer = answer_or_close(s, 10)
     assert answer == b"" or answer.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 400 ")), answer[:300]
     assert_alive(strict_server)
 
@@ -337,7 +338,7 @@ def test_a_client_that_stalls_in_its_body_gets_408(strict_server, photo):
     with socket.create_connection(("127.0.0.1", strict_server["port"])) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   + f"Content-Length: {len(photo)}\r\n\r\n".encode() + photo[:100])
-        answer = answer_or_close(s, 30)
+        answer = answer_or_close(s, 10)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
     assert metric_value(url, "catdog_requests_total", status="~5..") == errors
     assert_alive(strict_server)
@@ -494,11 +495,12 @@ DAMAGES = {f.__name__.removeprefix("damage_"): f for f in (
     damage_edited_leaf, damage_truncated_backbone, damage_name_outside, damage_absolute_name, damage_no_checksums)}
 
 LOAD = r"""
-import sys
+import json, sys
 from catdog_nb.predict import BundleError, Classifier
-try: Classifier.load(sys.argv[1])
-except BundleError as e: print("BundleError:", e)
-else: print("loaded")
+for path in sys.argv[1:]:
+    try: Classifier.load(path)
+    except BundleError as e: print(json.dumps([path, f"BundleError: {e}"]), flush=True)
+    else: print(json.dumps([path, "loaded"]), flush=True)
 """
 
 
@@ -507,12 +509,22 @@ def bundle_copy(model_bundle, tmp_path) -> Path:
     return Path(shutil.copytree(model_bundle, tmp_path / "catdog"))
 
 
+@pytest.fixture(scope="module")
+def damaged_bundle_loads(model_bundle, tmp_path_factory) -> dict[str, str]:
+    "Damage name -> what loading that damaged copy of the bundle gave, all loaded in one process (one import)."
+    tmp = tmp_path_factory.mktemp("damaged")
+    copies = {name: Path(shutil.copytree(model_bundle, tmp / name / "catdog")) for name in DAMAGES}
+    for name, path in copies.items(): DAMAGES[name](path)
+    run = subprocess.run([sys.executable, "-c", LOAD, *map(str, copies.values())], capture_output=True, text=True,
+                         errors="replace", timeout=300, cwd=ROOT)  # a subprocess: LightGBM aborts on some damages
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
+    outcomes = dict(json.loads(line) for line in run.stdout.splitlines())
+    return {name: outcomes[str(path)] for name, path in copies.items()}
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_a_damaged_bundle_is_refused_with_bundle_error(bundle_copy, damage):
-    DAMAGES[damage](bundle_copy)
-    run = subprocess.run([sys.executable, "-c", LOAD, str(bundle_copy)], capture_output=True, text=True, errors="replace",
-                         timeout=300, cwd=ROOT)  # a subprocess: LightGBM may abort the process on a damaged file
-    assert run.returncode == 0 and run.stdout.startswith("BundleError:"), (run.returncode, run.stdout, run.stderr[-2000:])
+def test_a_damaged_bundle_is_refused_with_bundle_error(damaged_bundle_loads, damage):
+    assert damaged_bundle_loads[damage].startswith("BundleError:"), damaged_bundle_loads[damage]
 
 
 def test_cli_exits_2_on_a_damaged_bundle(bundle_copy, unseen_photos):
