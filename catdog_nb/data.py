@@ -7,7 +7,7 @@ Docs: https://catdog.github.io/catdog/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #fde19c3a
 from __future__ import annotations
-import csv, hashlib, os, struct, zlib
+import csv, hashlib, os, stat, struct, zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,9 +19,9 @@ import numpy as np
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_JPEG_SCANS', 'DECODE_TARGET_SIDE', 'DECODED_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS',
            'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError', 'UnsupportedImageError', 'CorruptImageError',
-           'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image', 'read_image',
-           'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits', 'duplicate_report', 'write_manifest',
-           'read_manifest']
+           'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image', 'max_file_bytes',
+           'read_image_file', 'read_image', 'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits',
+           'duplicate_report', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/01_data.ipynb #0b7a1323
 class ImageError(ValueError):
@@ -212,9 +212,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if image.dtype == np.uint16: image = (image >> 8).astype(np.uint8)
     return _shrink(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.shape[2] == 1 else image)
 
+# %% ../nbs/01_data.ipynb #22664868
+def max_file_bytes(max_pixels: int) -> int:
+    "The largest image file accepted: an uncompressed 32-bit BMP of `max_pixels` (4 bytes a pixel), plus 16 MiB of metadata."
+    return 4 * max_pixels + (16 << 20)
+
+def read_image_file(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    "The bytes of the image file `path`; `ImageError` for what is not a regular file or is too large, `OSError` if unreadable."
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    info = os.fstat(fd)  # of the open file: it cannot be swapped after the check
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_file_bytes(max_pixels):
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode): raise UnsupportedImageError("not a regular file (a folder, FIFO, device or socket)")
+        raise ImageTooLargeError(f"a file of {info.st_size:,} bytes is over the limit of {max_file_bytes(max_pixels):,}")
+    with os.fdopen(fd, "rb") as f: return f.read(max_file_bytes(max_pixels) + 1)
+
 def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    "`decode_image` of a file's bytes."
-    return decode_image(Path(path).read_bytes(), max_pixels)
+    "`decode_image` of an image file."
+    return decode_image(read_image_file(path, max_pixels), max_pixels)
 
 # %% ../nbs/01_data.ipynb #146c095f
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
