@@ -369,7 +369,8 @@ def test_many_stalled_connections_do_not_lock_out_a_good_client(strict_server, p
 def test_schemathesis_all_checks_coverage_and_fuzzing(server, tmp_path):
     "The OpenAPI schema says what the handlers enforce: schemathesis with every check finds nothing."
     run = subprocess.run(
-        [BIN / "schemathesis", "run", f"{server['url']}/schema/openapi.json", "--checks", "all",
+        [BIN / "schemathesis", "--config-file", ROOT / "tests" / "schemathesis.toml", "run",
+         f"{server['url']}/schema/openapi.json", "--checks", "all",
          "--phases", "coverage,fuzzing", "--max-examples", "40", "--workers", "1", "--seed", "1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=800)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
