@@ -12,17 +12,15 @@ import collections, importlib, pickle
 from dataclasses import dataclass
 from fastcore.basics import patch
 from pathlib import Path
-import cv2
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from .core import get_logger
-from .engine import ENGINES, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, center_square
 
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME', 'LOGITS_NAME',
            'EMBEDDING_NAME', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
            'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
-           'convert_backbone', 'backbone_blob', 'load_backbone', 'run_backbone']
+           'convert_backbone']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the size each was trained at
@@ -236,35 +234,3 @@ def convert_backbone(variant: str, out: Path | str) -> Path:
     onnx.save(model, out)
     get_logger(__name__).info("backbone %s -> %s (%.1f MB)", variant, out, out.stat().st_size / 1e6)
     return out
-
-# %% ../nbs/04_backbone.ipynb #a8489b08
-_BLOB_SCALE_RGB = 1 / (255 * IMAGENET_STD_RGB)  # (x / 255 - mean) / std == x * scale - shift
-_BLOB_SHIFT_RGB = IMAGENET_MEAN_RGB / IMAGENET_STD_RGB
-
-def backbone_blob(images: list[np.ndarray], size: int) -> np.ndarray:
-    "BGR uint8 images (any sizes) -> the backbone's input: float32 `N x 3 x size x size`, RGB, ImageNet-normalised."
-    if len(images) == 0: raise ValueError("backbone_blob needs at least one image")
-    batch = np.empty((len(images), size, size, 3), np.uint8)
-    for i, image in enumerate(images):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
-            raise ValueError(f"image {i}: expected a non-empty H x W x 3 uint8 BGR array, got {image.dtype} {image.shape}")
-        batch[i] = cv2.resize(center_square(image), (size, size), interpolation=cv2.INTER_AREA)
-    blob = np.empty((len(images), 3, size, size), np.float32)
-    for c in range(3):  # RGB channel c is BGR channel 2 - c
-        np.multiply(batch[..., 2 - c], _BLOB_SCALE_RGB[c], out=blob[:, c])
-        blob[:, c] -= _BLOB_SHIFT_RGB[c]
-    return blob
-
-# %% ../nbs/04_backbone.ipynb #7b42e7b9
-def load_backbone(path: Path | str, engine: int = cv2.dnn.ENGINE_NEW) -> cv2.dnn.Net:
-    "The converted backbone as a `cv2.dnn.Net` on OpenCV's own CPU backend (OpenCV 5's new engine by default)."
-    net = cv2.dnn.readNetFromONNX(str(path), engine)
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    # The target stays the default, CPU: the new engine runs on nothing else and warns if it is set.
-    return net
-
-def run_backbone(net: cv2.dnn.Net, blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "(logits `N x 1000`, embedding `N x 1280`) of a `backbone_blob`."
-    net.setInput(blob, INPUT_NAME)
-    logits, embedding = net.forward([LOGITS_NAME, EMBEDDING_NAME])
-    return logits, embedding

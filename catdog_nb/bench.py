@@ -71,7 +71,7 @@ def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, bo
             resized = timed("resize", lambda s: cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA), square)
             timed("normalise", normalise_into, resized, batch[i])
         embedding = timed("forward", runner.run, batch, ["embedding"])["embedding"]
-        timed("booster", booster.predict, embedding)
+        timed("booster", lambda X: booster.predict(X, num_threads=1), embedding)  # one thread, as `Classifier` calls it
     return {step: seconds / len(blobs) for step, seconds in spent.items()}
 
 # %% ../nbs/18_bench.ipynb #c799b728

@@ -16,6 +16,7 @@ import numpy as np
 from fastcore.basics import patch
 from .core import Progress, get_logger, project_root
 from .data import ImageError, decode_image
+from .engine import available_cores
 from .features import FeatureExtractor
 
 # %% auto #0
@@ -60,8 +61,8 @@ _worker_extractor: FeatureExtractor | None = None
 
 def _init_worker(init_args: dict, ready) -> None:
     global _worker_extractor
-    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would only compete with the other workers
-    _worker_extractor = FeatureExtractor(**init_args)
+    cv2.setNumThreads(1)  # one process per core: more threads of OpenCV or the engine would only compete with the other workers
+    _worker_extractor = FeatureExtractor(**{**init_args, "threads": 1})
     _worker_extractor.transform_sets([np.zeros((64, 64, 3), np.uint8)])  # first forward pass allocates
     ready.wait()
 
@@ -82,8 +83,8 @@ def _extract_task(task: tuple) -> tuple[list[str], dict[str, np.ndarray], list[t
 
 # %% ../nbs/06_extract.ipynb #00eba7a7
 def default_workers() -> int:
-    "The cores this process may run on."
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    "One worker per core this process may run on."
+    return available_cores()
 
 class ExtractionPool:
     "Spawned workers, each holding an extractor built from `init_args`, started and warmed up before the first task."

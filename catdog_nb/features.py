@@ -1,7 +1,7 @@
-"""Feature extraction in OpenCV: the `classic` descriptors (HOG, colour, LBP, Gabor) and the ImageNet
-embedding of an EfficientNet-Lite backbone run by `cv2.dnn` (sets `lite0`, `lite1`, `lite2`); one
-`FeatureExtractor` shared by training, evaluation and the service, its settings read from `params.yaml`
-or from a model bundle.
+"""Feature extraction: the `classic` descriptors in OpenCV (HOG, colour, LBP, Gabor) and the ImageNet
+embedding of an EfficientNet-Lite backbone run by an engine of `catdog_nb.engine` (onnxruntime by default,
+or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and
+the service, its settings read from `params.yaml` or from a model bundle.
 
 Docs: https://catdog.github.io/catdog/features.html.md"""
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .backbone import BACKBONE_INPUT_SIZES, backbone_blob, backbone_paths, center_square, load_backbone, run_backbone
+from .backbone import BACKBONE_INPUT_SIZES, EMBEDDING_NAME, backbone_paths
+from .engine import ENGINES, center_square, check_engine, imagenet_batch, load_engine
 from .core import load_params, project_root
 
 # %% auto #0
@@ -183,31 +184,33 @@ EMBEDDING_DIM = 1280  # EfficientNet-Lite's pooled feature width (all variants)
 
 class FeatureExtractor:
     "Decoded BGR uint8 images -> float32 feature rows of the selected `sets`; the one path every caller uses."
-    def __init__(self, sets, settings: dict, backbones: dict | None = None, batch_size: int = 16):
-        "`settings`: `{group: settings}` for the groups `sets` use; `backbones`: each backbone set -> its ONNX file."
+    def __init__(self, sets, settings: dict, backbones: dict | None = None, batch_size: int = 16,
+                 engine: str = ENGINES[0], threads: int | None = None):
+        """`settings`: `{group: settings}` for the groups `sets` use; `backbones`: each backbone set -> its ONNX file,
+        run by `engine` (see `catdog_nb.engine`) on `threads` threads (default: all cores)."""
         self.sets = check_sets(sets)
         self.settings = {g: check_settings(g, settings.get(g)) for g in dict.fromkeys(map(settings_group, self.sets))}
         if batch_size < 1: raise FeatureSettingsError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size, self.engine, self.threads = int(batch_size), check_engine(engine), threads
         self.backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in self.sets}
         self._lock = threading.Lock()
         self._classic = ClassicDescriptors(self.settings["classic"]) if "classic" in self.sets else None
-        self._nets, self._backbone_md5 = {}, {}
+        self._engines, self._backbone_md5 = {}, {}
         for s in self.sets:
             if s == "classic": continue
             if s not in self.backbones or not self.backbones[s].is_file():
                 raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone`)")
-            self._nets[s] = load_backbone(self.backbones[s])
+            self._engines[s] = load_engine(self.backbones[s], engine, threads)
         self.dims = {s: self._classic.dim if s == "classic" else EMBEDDING_DIM for s in self.sets}
 
 # %% ../nbs/05_features.ipynb #a60f8f90
 @patch(cls_method=True)
 def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, root: Path | str | None = None, **overrides) -> FeatureExtractor:
-    "The extractor `params.yaml` describes (`features` and `backbone.dir`); `sets` and keyword overrides win."
+    "The extractor `params.yaml` describes (`features`, `backbone.dir`, `backbone.engine`); `sets` and keyword overrides win."
     params, root = params or load_params(), Path(root or project_root())
     sets = check_sets(sets or params["features"]["sets"])
     kwargs = dict(sets=sets, settings=feature_settings(params, sets), batch_size=params["features"]["batch_size"],
-                  backbones=backbone_paths(sets, root / params["backbone"]["dir"]))
+                  backbones=backbone_paths(sets, root / params["backbone"]["dir"]), engine=params["backbone"]["engine"])
     return cls(**{**kwargs, **overrides})
 
 # %% ../nbs/05_features.ipynb #e6eebeeb
@@ -215,7 +218,7 @@ def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, ro
 def init_args(self: FeatureExtractor) -> dict:
     "The constructor's arguments (JSON-serialisable): enough to rebuild this extractor in a worker or a model bundle."
     return dict(sets=list(self.sets), settings=self.settings, backbones={s: str(p) for s, p in self.backbones.items()},
-                batch_size=self.batch_size)
+                batch_size=self.batch_size, engine=self.engine, threads=self.threads)
 
 @patch(as_prop=True)
 def feature_names(self: FeatureExtractor) -> list[str]:
@@ -231,25 +234,25 @@ def _md5_file(path: Path | str) -> str:
 
 @patch
 def fingerprint(self: FeatureExtractor, set_name: str) -> str:
-    "Hash of everything that determines `set_name`'s values: code version, settings, backbone file."
+    "Hash of everything that determines `set_name`'s values: code version, settings, backbone file and engine."
     group = settings_group(set_name)
     key = {"version": FEATURES_VERSION, "set": group, "settings": self.settings[group]}
     if group == "deep":
         if set_name not in self._backbone_md5: self._backbone_md5[set_name] = _md5_file(self.backbones[set_name])
-        key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name}
+        key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name, "engine": self.engine}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/05_features.ipynb #a42f4c36
 @patch
 def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str) -> np.ndarray:
     out = np.empty((len(images), EMBEDDING_DIM), np.float32)
-    flip, net, size = self.settings["deep"]["flip"], self._nets[variant], BACKBONE_INPUT_SIZES[variant]
+    flip, engine, size = self.settings["deep"]["flip"], self._engines[variant], BACKBONE_INPUT_SIZES[variant]
     for i in range(0, len(images), self.batch_size):
         batch = images[i:i + self.batch_size]
         # The mirror images go through the same preprocessing (flipping the blob instead is not the same:
         # upscaling with INTER_AREA is not mirror-symmetric).
         if flip: batch = batch + [cv2.flip(image, 1) for image in batch]
-        _, embedding = run_backbone(net, backbone_blob(batch, size))
+        embedding = engine.run(imagenet_batch(batch, size), [EMBEDDING_NAME])[EMBEDDING_NAME]
         n = len(embedding) // 2 if flip else len(embedding)
         out[i:i + n] = (embedding[:n] + embedding[n:]) / 2 if flip else embedding
     return out

@@ -53,9 +53,10 @@ def model_signature(classes=CLASSES) -> ModelSignature:
                                           ColSpec("string", "error")]))
 
 def _pip_requirements() -> list[str]:
-    "Pinned runtime requirements of the pyfunc (besides the `catdog_nb` package itself)."
+    "Pinned runtime requirements of the pyfunc (besides the `catdog_nb` package itself); it runs the default engine, onnxruntime."
     from importlib.metadata import version
-    return [f"{p}=={version(p)}" for p in ("mlflow", "lightgbm", "numpy", "pandas", "opencv-contrib-python-headless", "pyyaml")]
+    return [f"{p}=={version(p)}" for p in ("mlflow", "lightgbm", "numpy", "pandas", "opencv-contrib-python-headless",
+                                           "onnxruntime", "fastcore", "pyyaml")]
 
 # %% ../nbs/10_pyfunc.ipynb #9d1558b8
 def log_bundle_model(bundle_dir: Path | str, registered_model: str | None, tags: dict | None = None):

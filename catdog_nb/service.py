@@ -30,8 +30,9 @@ from . import __version__
 from .batcher import MicroBatcher
 from .core import get_logger
 from .data import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError
+from .engine import available_cores, check_engine
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
-from .predict import Classifier, Prediction, default_model_uri
+from .predict import Classifier, Prediction, default_engine, default_model_uri
 
 # %% auto #0
 __all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Settings', 'Problem', 'problem', 'image_problem', 'image_from_json',
@@ -44,12 +45,17 @@ __all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Settings', 'Problem', 'problem
 class Settings:
     "The service's settings; `Settings.from_env()` reads them from `CATDOG_<FIELD>` variables."
     model_uri: str = field(default_factory=lambda: str(default_model_uri()))
+    engine: str = field(default_factory=default_engine)
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 16
     max_wait_ms: float = 5.0
     workers: int = 1
     log_level: str = "INFO"
+
+    def __post_init__(self):
+        try: check_engine(self.engine)
+        except ValueError as e: raise ValueError(f"CATDOG_ENGINE={self.engine!r}: {e}") from None
 
 # %% ../nbs/17_service.ipynb #4276dce2
 @patch(cls_method=True)
@@ -228,19 +234,19 @@ def model_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         raise problem(503, detail, "not_ready", headers={"Retry-After": "5"})
 
 # %% ../nbs/17_service.ipynb #caaf1c74
-def _opencv_threads(workers: int) -> int:
-    "OpenCV threads per worker: the cores shared among the workers, so that they do not oversubscribe."
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+def _engine_threads(workers: int) -> int:
+    "Engine threads per worker process: the cores shared among the workers, so that they do not oversubscribe."
+    return max(1, available_cores() // max(1, workers))
 
 @patch
 async def load(self: ServiceState) -> None:
     "Load the model off the event loop, start its micro-batcher and warm it up; a failure is kept in `error`."
     try:
         import cv2
-        cv2.setNumThreads(_opencv_threads(self.settings.workers))
+        cv2.setNumThreads(1)  # the opencv engine raises it to its own share when it loads
         s = self.settings
-        classifier = await anyio.to_thread.run_sync(
-            lambda: Classifier.load(s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels))
+        classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
+            s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, engine=s.engine, threads=_engine_threads(s.workers)))
         self.classifier = classifier
         self.batcher = MicroBatcher(lambda images: classifier.predict_images(images, batch_size=len(images)),
                                     s.max_batch, s.max_wait_ms / 1000, self._on_batch)
@@ -248,7 +254,7 @@ async def load(self: ServiceState) -> None:
         await self.batcher.submit([warm_up])
         self.metrics.model_info.labels(classifier.version).set(1)
         self.ready = True
-        _log.info("ready: model %s version %s", classifier.name, classifier.version)
+        _log.info("ready: model %s version %s, engine %s", classifier.name, classifier.version, s.engine)
     except Exception as e:  # reported by /ready; the process stays up for /health and the logs
         self.error = f"{type(e).__name__}: {e}"
         _log.exception("model %s failed to load", self.settings.model_uri)

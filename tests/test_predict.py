@@ -1,9 +1,12 @@
 """`catdog predict` as a user runs it: a subprocess on a folder of good and bad files, one JSON line per file."""
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 BIN = Path(sys.executable).parent
 
@@ -77,3 +80,27 @@ def test_predict_from_the_registry(model_bundle, training_photos, tmp_path):
     run = subprocess.run([BIN / "catdog", "predict", training_photos[-1], "--model", "models:/catdog@nobody"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 2 and "cannot load model" in run.stderr
+
+
+def test_both_engines_agree(model_bundle, unseen_photos):
+    "onnxruntime and cv2.dnn on a fixed sample of real photos: the same embedding to 1e-4, the same predictions."
+    from catdog_nb.data import read_image
+    from catdog_nb.engine import ENGINES
+    from catdog_nb.predict import Classifier, Prediction
+    images = [read_image(p) for p in unseen_photos]
+    classifiers = {engine: Classifier.load(model_bundle, engine=engine) for engine in ENGINES}
+    features = {engine: clf.features(images) for engine, clf in classifiers.items()}
+    assert np.abs(features["onnxruntime"] - features["opencv"]).max() < 1e-4
+    probabilities = {engine: clf.predict_features(features[engine]) for engine, clf in classifiers.items()}
+    assert (probabilities["onnxruntime"].argmax(1) == probabilities["opencv"].argmax(1)).all()
+    assert np.abs(probabilities["onnxruntime"] - probabilities["opencv"]).max() < 1e-3
+    # as a user picks one: `--engine`, else $CATDOG_ENGINE (an unknown one is refused), else onnxruntime
+    def labels(*args, **env):
+        run = subprocess.run([BIN / "catdog", "predict", *unseen_photos[:4], "--model", model_bundle, *args],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        return run.returncode, [json.loads(line)["label"] for line in run.stdout.splitlines()], run.stderr
+    default, chosen = labels(), labels("--engine", "opencv", CATDOG_ENGINE="tensorrt")
+    assert default[0] == chosen[0] == 0 and default[1] == chosen[1] == [Prediction.from_row(["cat", "dog"], p).label
+                                                                        for p in probabilities["onnxruntime"][:4]]
+    status, _, errors = labels(CATDOG_ENGINE="tensorrt")
+    assert status == 2 and "unknown engine 'tensorrt'" in errors

@@ -19,8 +19,8 @@ BIN = Path(sys.executable).parent
 RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx",
                      "torch", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
-SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher",
-                   "catdog_nb.monitoring", "catdog_nb.service"]
+SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.engine", "catdog_nb.features",
+                   "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher", "catdog_nb.monitoring", "catdog_nb.service"]
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -81,13 +81,14 @@ def test_catdog_help_runs(serve_venv):
     assert result.returncode == 0 and "--workers" in result.stdout, result.stdout + result.stderr
 
 
-def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
-    "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI."
+@pytest.mark.parametrize("engine", ["onnxruntime", "opencv"])
+def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path, engine):
+    "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI, each engine."
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(ROOT / "params.yaml", app)
     port = free_port()
-    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle)}
+    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle), "CATDOG_ENGINE": engine}
     photo = next((ROOT / "data" / "raw" / "dog").glob("*.jpg"))
     with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=app,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp_path / "service.log", timeout=180):
@@ -98,3 +99,4 @@ def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
     assert page.status_code == 200 and page.text == (ROOT / "catdog_nb" / "static" / "index.html").read_text()
     assert answer.status_code == 200, answer.text
     assert answer.json()["label"] in ("cat", "dog") and set(answer.json()["probability"]) == {"cat", "dog"}
+    assert f"engine {engine}" in (tmp_path / "service.log").read_text()  # the ready line names the engine that runs
