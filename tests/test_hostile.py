@@ -380,10 +380,10 @@ def test_schemathesis_all_checks_coverage_and_fuzzing(server, tmp_path):
 def test_short_soak(model_bundle):
     "The soak benchmark, short: good and hostile requests at concurrency 16, clients hanging up; no 5xx, nothing unexpected."
     from catdog_nb.soak import bench_soak
-    figures = bench_soak(model_bundle, n_requests=300, concurrency=16, warm_up=32, per_class=4)
+    figures = bench_soak(model_bundle, n_requests=200, concurrency=16, warm_up=32, per_class=4)
     assert figures["alive"] and figures["client_5xx"] == 0 and figures["server_5xx"] == 0, figures
     assert figures["unexpected"] == [], figures["unexpected"][:10]
-    assert figures["statuses"].get(200, 0) > 150 and figures["statuses"].get(400, 0) > 0, figures["statuses"]
+    assert figures["statuses"].get(200, 0) > 100 and figures["statuses"].get(400, 0) > 0, figures["statuses"]
 
 
 # --- (c) catdog predict -------------------------------------------------------------------------------------------
@@ -412,18 +412,18 @@ def test_cli_reports_each_unusable_path_and_goes_on(model_bundle, unseen_photos,
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     hostile = {name: tmp_path / f"{name}.img" for name in ("wide_bmp", "misleading_marker_chain", "many_scans_jpeg",
-                                                            "rgba16_png_near_limit", "truncated_png_half")}
+                                                            "rgba16_png_14mp", "truncated_png_half")}
     for name, path in hostile.items(): path.write_bytes(hostile_bytes(name))
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     paths = [good, hostile["wide_bmp"], fifo, hostile["misleading_marker_chain"], folder, "/dev/null", empty,
-             tmp_path / "missing.jpg", hostile["many_scans_jpeg"], hostile["rgba16_png_near_limit"],
+             tmp_path / "missing.jpg", hostile["many_scans_jpeg"], hostile["rgba16_png_14mp"],
              hostile["truncated_png_half"], other]
     run = predict_run(model_bundle, paths)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     lines = json_lines(run.stdout)
-    for path in (good, other, folder / "inside.jpg", hostile["rgba16_png_near_limit"]):
+    for path in (good, other, folder / "inside.jpg", hostile["rgba16_png_14mp"]):
         assert lines[str(path)]["label"] in ("cat", "dog"), lines.get(str(path))
     for path in (hostile["wide_bmp"], fifo, hostile["misleading_marker_chain"], "/dev/null", empty,
                  tmp_path / "missing.jpg", hostile["many_scans_jpeg"], hostile["truncated_png_half"]):
