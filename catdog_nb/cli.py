@@ -50,9 +50,16 @@ class DeadlineProtocol(HttpToolsProtocol):
     "uvicorn's httptools protocol that refuses connections over the limit and closes those whose request head is late."
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
-            transport.write(_BUSY); transport.close(); return
-        self._arm_head_deadline()
+        self.refused = self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency
+        if not self.refused: return self._arm_head_deadline()
+        # answer, then stop writing but keep reading (and dropping) a while: closing on unread data would reset
+        # the connection, and the client would see a broken connection instead of the 503
+        self.connections.discard(self)  # not counted: uvicorn's own check must see the accepted connections only
+        transport.write(_BUSY); transport.write_eof()
+        self.loop.call_later(5, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused: super().data_received(data)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
