@@ -243,6 +243,7 @@ def test_overload_of_large_legal_photos_is_bounded(server):
         if r.status_code == 503: assert int(r.headers["retry-after"]) > 0; assert_clean_problem(r, {503})
     assert_alive(server)
     peak = server_peak_mib(server["process"].pid)
+    print(f"statuses {sorted(statuses)}, peak resident memory of the worker {peak:.0f} MiB")
     assert peak < 1024, f"peak resident memory {peak:.0f} MiB"
 
 
@@ -381,6 +382,7 @@ def test_short_soak(model_bundle):
     "The soak benchmark, short: good and hostile requests at concurrency 16, clients hanging up; no 5xx, nothing unexpected."
     from catdog_nb.soak import bench_soak
     figures = bench_soak(model_bundle, n_requests=200, concurrency=16, warm_up=32, per_class=4)
+    print({k: figures[k] for k in ("statuses", "client_5xx", "server_5xx", "good_p50_ms", "good_p99_ms", "rss_warm", "peak", "rss_end")})
     assert figures["alive"] and figures["client_5xx"] == 0 and figures["server_5xx"] == 0, figures
     assert figures["unexpected"] == [], figures["unexpected"][:10]
     assert figures["statuses"].get(200, 0) > 100 and figures["statuses"].get(400, 0) > 0, figures["statuses"]
