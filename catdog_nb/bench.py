@@ -10,10 +10,10 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 from __future__ import annotations
 import argparse, asyncio, hashlib, json, os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
+from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from .backbone import BACKBONE_INPUT_SIZES, backbone_path, convert_backbone
-from .core import load_params, project_root
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import ExtractionPool, default_workers

@@ -14,8 +14,8 @@ from .backbone import BACKBONE_INPUT_SIZES
 from .core import project_root
 
 # %% auto #0
-__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'BundleError', 'model_text', 'bundle_version', 'save_bundle',
-           'resolve_bundle', 'read_bundle_meta', 'read_bundle']
+__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'BundleError', 'model_text', 'bundle_version', 'file_sha256', 'plain_name',
+           'bundle_files', 'save_bundle', 'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
 
 # %% ../nbs/08_bundle.ipynb #89d41b9a
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -35,6 +35,24 @@ def bundle_version(booster_text: str, settings: dict) -> str:
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
+# %% ../nbs/08_bundle.ipynb #92db7d03
+def file_sha256(path: Path) -> str:
+    "Hex sha256 of a file, read 1 MiB at a time."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20): digest.update(chunk)
+    return digest.hexdigest()
+
+def plain_name(name) -> str:
+    "`name` if it is a plain file name inside the bundle folder (no folder part, no `..`, not absolute)."
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+        raise BundleError(f"{BUNDLE_FILE} names {name!r}: not a plain file name in the bundle")
+    return name
+
+def bundle_files(meta: dict) -> list[str]:
+    "The files of a bundle besides `bundle.json`: the booster and the backbones of its feature sets."
+    return [plain_name(meta["booster"]), *map(plain_name, meta["backbones"].values())]
+
 # %% ../nbs/08_bundle.ipynb #ce6a24e3
 def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[str], feature_settings: dict,
                 backbones: dict | None = None, data_version: str = "", metrics: dict | None = None, *, name: str) -> dict:
@@ -51,6 +69,7 @@ def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[st
     settings = {"feature_sets": list(feature_sets), "features": feature_settings, "backbones": {s: f"{s}.onnx" for s in backbones}}
     meta = {"name": name, "version": bundle_version(text, settings), "classes": list(CLASSES), **settings,
             "booster": BOOSTER_FILE, "data_version": data_version, "metrics": metrics or {}}
+    meta["sha256"] = {name: file_sha256(out_dir / name) for name in bundle_files(meta)}
     (out_dir / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
@@ -80,18 +99,28 @@ def resolve_bundle(uri: str | Path) -> Path:
         raise BundleError(f"{path} is not a model bundle (no {BUNDLE_FILE}); train one with `make pipeline`")
     return path
 
+# %% ../nbs/08_bundle.ipynb #5bec2e52
+def verify_files(path: Path, meta: dict) -> None:
+    "Every file of the bundle at `path` present and equal to the sha256 `bundle.json` records, or `BundleError`."
+    recorded, names = meta.get("sha256"), bundle_files(meta)
+    if not isinstance(recorded, dict) or set(recorded) != set(names):
+        raise BundleError(f"{BUNDLE_FILE} does not record the sha256 of each bundle file ({', '.join(names)}): "
+                          "re-create the bundle (`make pipeline`)")
+    for name in names:
+        if not (path / name).is_file(): raise BundleError(f"{name} is missing from the bundle")
+        if file_sha256(path / name) != recorded[name]:
+            raise BundleError(f"{name} does not match its sha256 in {BUNDLE_FILE}: the bundle is damaged or was edited")
+
 # %% ../nbs/08_bundle.ipynb #3603532a
 def read_bundle_meta(path: Path | str) -> dict:
-    "`bundle.json` of the bundle folder `path`, checked for the keys a loader needs and the files they name."
+    "`bundle.json` of the bundle folder `path`, checked for the keys a loader needs and verified against its files."
     path = Path(path)
     try: meta = json.loads((path / BUNDLE_FILE).read_text())
     except (OSError, ValueError) as e: raise BundleError(f"{path / BUNDLE_FILE}: {e}") from e
     missing = {"name", "version", "classes", "feature_sets", "features", "booster", "backbones"} - set(meta)
     if missing: raise BundleError(f"{path / BUNDLE_FILE} lacks {sorted(missing)}")
     if len(meta["classes"]) != 2: raise BundleError(f"expected two classes, got {meta['classes']}")
-    if not (path / meta["booster"]).is_file(): raise BundleError(f"booster file {path / meta['booster']} is missing")
-    for file in meta["backbones"].values():
-        if not (path / file).is_file(): raise BundleError(f"backbone file {path / file} is missing")
+    verify_files(path, meta)
     return meta
 
 # %% ../nbs/08_bundle.ipynb #f1e912cc
@@ -103,4 +132,5 @@ def read_bundle(path: Path | str) -> tuple[dict, lgb.Booster]:
     if found != meta["version"]:
         raise BundleError(f"{Path(path)} does not match its version {meta['version']} (its files hash to {found}): "
                           "it was changed after it was written")
-    return meta, lgb.Booster(model_str=text)
+    try: return meta, lgb.Booster(model_str=text)
+    except lgb.basic.LightGBMError as e: raise BundleError(f"{meta['booster']} is not a LightGBM model: {e}") from e

@@ -14,7 +14,13 @@ import yaml
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['project_root', 'load_params', 'get_logger', 'seed_everything', 'Progress', 'run_stage', 'pipeline_summary']
+__all__ = ['DEFAULT_MAX_PIXELS', 'project_root', 'load_params', 'get_logger', 'seed_everything', 'Progress', 'run_stage',
+           'pipeline_summary']
+
+# %% ../nbs/00_core.ipynb #75b5dcaa
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service and the CLI read CATDOG_MAX_PIXELS
+# OpenCV reads its limit when it loads: set it before any `import cv2` (catdog modules import core first)
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", os.environ.get("CATDOG_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
 
 # %% ../nbs/00_core.ipynb #2eca69d1
 def project_root(start: Path | str | None = None) -> Path:

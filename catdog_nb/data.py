@@ -7,19 +7,20 @@ Docs: https://catdog.github.io/catdog/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #fde19c3a
 from __future__ import annotations
-import csv, hashlib, struct
+import csv, hashlib, os, stat, struct, zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from .core import DEFAULT_MAX_PIXELS, Progress, get_logger, load_params, project_root  # before cv2: its pixel cap
 import cv2
 import numpy as np
-from .core import Progress, get_logger, load_params, project_root
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS', 'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError',
-           'UnsupportedImageError', 'CorruptImageError', 'ImageTooLargeError', 'ImageHeader', 'read_header',
-           'decode_image', 'read_image', 'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits',
+__all__ = ['MAX_SIDE', 'MAX_JPEG_SCANS', 'DECODE_TARGET_SIDE', 'DECODED_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS',
+           'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError', 'UnsupportedImageError', 'CorruptImageError',
+           'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image', 'max_file_bytes',
+           'read_image_file', 'read_image', 'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits',
            'duplicate_report', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/01_data.ipynb #0b7a1323
@@ -43,102 +44,192 @@ class ImageTooLargeError(ImageError):
     "More pixels than allowed: refused from the header, before any decoding (decompression bombs)."
     reason = "too_many_pixels"
 
-# %% ../nbs/01_data.ipynb #6759b329
+# %% ../nbs/01_data.ipynb #2bc57aee
 @dataclass(frozen=True)
 class ImageHeader:
     format: str
     width: int
     height: int
     has_alpha: bool
+    bits: int = 8  # per sample: a 16-bit image with alpha decodes to 8 bytes a pixel
 
-# JPEG start-of-frame markers hold the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+MAX_SIDE = 65_500         # JPEG's own limit; WebP stops at 16,383, OpenCV asserts beyond 2^20 for any format
+MAX_JPEG_SCANS = 64       # progressive encoders write about 10; each scan is one more pass over all coefficients
 
+# %% ../nbs/01_data.ipynb #0a82a073
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCA, 0xCB}             # what libjpeg-turbo decodes
+_JPEG_HIERARCHICAL = {0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF, 0xDE, 0xDF}  # differential frames, DHP, EXP
+_JPEG_TABLES = {0xC4, 0xCC, 0xDB, 0xDD} | set(range(0xE0, 0xF0)) | {0xFE}  # DHT DAC DQT DRI, APPn, COM
+
+def _jpeg_frame(b: bytes) -> tuple[int, int, int]:
+    "(width, height, end of the frame header) of the first frame after SOI; every segment before it skipped by length."
+    i, n = 2, len(b)
+    while True:
+        if i + 4 > n: raise CorruptImageError("JPEG: truncated before the frame header")
+        if b[i] != 0xFF: raise CorruptImageError(f"JPEG: byte 0x{b[i]:02X} at offset {i} where a marker must be")
+        while b[i + 1] == 0xFF:  # fill bytes
+            i += 1
+            if i + 4 > n: raise CorruptImageError("JPEG: truncated before the frame header")
+        marker, length = b[i + 1], struct.unpack(">H", b[i + 2:i + 4])[0]
+        if marker in _JPEG_HIERARCHICAL: raise UnsupportedImageError("JPEG: hierarchical frames are not supported")
+        if marker not in _JPEG_FRAMES and marker not in _JPEG_TABLES:
+            raise CorruptImageError(f"JPEG: marker 0x{marker:02X} at offset {i} before the frame header")
+        if length < 2 or i + 2 + length > n: raise CorruptImageError("JPEG: a segment runs past the end of the data")
+        if marker in _JPEG_FRAMES:
+            if length < 8: raise CorruptImageError("JPEG: frame header too short")
+            precision, height, width, components = struct.unpack(">BHHB", b[i + 4:i + 10])
+            if length != 8 + 3 * components or components not in (1, 3, 4):
+                raise CorruptImageError(f"JPEG: frame header with {components} components")
+            if precision not in (8, 12) and marker != 0xC3: raise UnsupportedImageError(f"JPEG: {precision}-bit samples")
+            return width, height, i + 2 + length
+        i += 2 + length
+
+# %% ../nbs/01_data.ipynb #6a714cb0
 def _jpeg_header(b: bytes) -> ImageHeader:
-    i = 2
-    while i + 4 <= len(b):
-        if b[i] != 0xFF: raise CorruptImageError("JPEG: marker expected")
-        marker = b[i + 1]
-        if marker == 0xFF: i += 1; continue  # fill byte
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7: i += 2; continue  # markers without a length
-        seg_len = struct.unpack(">H", b[i + 2:i + 4])[0]
-        if marker in _JPEG_SOF:
-            if i + 9 > len(b): break
-            h, w = struct.unpack(">HH", b[i + 5:i + 9])
-            return ImageHeader("jpeg", w, h, False)
-        i += 2 + seg_len
-    raise CorruptImageError("JPEG: no frame header (truncated?)")
+    width, height, frame_end = _jpeg_frame(b)
+    end = b.find(b"\xff\xd9", frame_end)
+    if end < 0: raise CorruptImageError("JPEG: truncated (no end-of-image marker)")
+    scans = b.count(b"\xff\xda", frame_end, end)
+    if scans == 0: raise CorruptImageError("JPEG: no scan data")
+    if scans > MAX_JPEG_SCANS: raise CorruptImageError(f"JPEG: {scans} scans (at most {MAX_JPEG_SCANS})")
+    return ImageHeader("jpeg", width, height, False)
 
-# %% ../nbs/01_data.ipynb #d14cb011
+# %% ../nbs/01_data.ipynb #048e9147
+_PNG_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}  # colour type -> depths
+
 def _png_header(b: bytes) -> ImageHeader:
-    if len(b) < 26 or b[12:16] != b"IHDR": raise CorruptImageError("PNG: no IHDR chunk")
-    w, h, _depth, color_type = struct.unpack(">IIBB", b[16:26])
-    return ImageHeader("png", w, h, color_type in (4, 6))
+    if len(b) < 33 or b[8:16] != b"\x00\x00\x00\x0dIHDR": raise CorruptImageError("PNG: no IHDR chunk first")
+    if zlib.crc32(b[12:29]) != struct.unpack(">I", b[29:33])[0]: raise CorruptImageError("PNG: IHDR checksum mismatch")
+    width, height, depth, color_type, compression, filtering, interlace = struct.unpack(">IIBBBBB", b[16:29])
+    if depth not in _PNG_DEPTHS.get(color_type, ()) or compression or filtering or interlace > 1:
+        raise CorruptImageError(f"PNG: invalid header (colour type {color_type}, depth {depth})")
+    has_alpha = color_type in (4, 6) or b.find(b"tRNS", 33) > 0
+    return ImageHeader("png", width, height, has_alpha, 16 if depth == 16 else 8)
 
 def _webp_header(b: bytes) -> ImageHeader:
+    if len(b) < 30: raise CorruptImageError("WebP: truncated header")
     chunk = b[12:16]
-    if chunk == b"VP8X" and len(b) >= 30:
-        w = 1 + int.from_bytes(b[24:27], "little"); h = 1 + int.from_bytes(b[27:30], "little")
+    if chunk == b"VP8X":
+        w, h = 1 + int.from_bytes(b[24:27], "little"), 1 + int.from_bytes(b[27:30], "little")
         return ImageHeader("webp", w, h, bool(b[20] & 0x10))
-    if chunk == b"VP8L" and len(b) >= 25:
+    if chunk == b"VP8L":
+        if b[20] != 0x2F: raise CorruptImageError("WebP: bad lossless signature")
         bits = int.from_bytes(b[21:25], "little")
         return ImageHeader("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool((bits >> 28) & 1))
-    if chunk == b"VP8 " and len(b) >= 30:
+    if chunk == b"VP8 ":
+        if b[23:26] != b"\x9d\x01\x2a": raise CorruptImageError("WebP: bad lossy start code")
         w, h = struct.unpack("<HH", b[26:30])
         return ImageHeader("webp", w & 0x3FFF, h & 0x3FFF, False)
-    raise CorruptImageError("WebP: unknown or truncated chunk")
+    raise CorruptImageError("WebP: unknown first chunk")
+
+# %% ../nbs/01_data.ipynb #03f9979b
+_BMP_INFO_SIZES = {12, 40, 52, 56, 108, 124}  # OS/2 core, BITMAPINFOHEADER, its V2/V3 extensions, V4, V5
 
 def _bmp_header(b: bytes) -> ImageHeader:
-    if len(b) < 30: raise CorruptImageError("BMP: truncated header")
-    w, h = struct.unpack("<ii", b[18:26])
-    bits = struct.unpack("<H", b[28:30])[0]
-    return ImageHeader("bmp", abs(w), abs(h), bits == 32)
+    if len(b) < 26: raise CorruptImageError("BMP: truncated header")
+    info = struct.unpack("<I", b[14:18])[0]
+    if info not in _BMP_INFO_SIZES: raise UnsupportedImageError(f"BMP: unknown info header of {info} bytes")
+    if info == 12: width, height, planes, bits = struct.unpack("<HHHH", b[18:26]); compression = 0
+    else:
+        if len(b) < 34: raise CorruptImageError("BMP: truncated header")
+        width, height, planes, bits, compression = struct.unpack("<iiHHI", b[18:34])
+    if width <= 0 or height == 0 or planes != 1: raise CorruptImageError(f"BMP: invalid size {width}x{height}")
+    if bits not in (1, 4, 8, 16, 24, 32) or compression not in (0, 1, 2, 3):
+        raise UnsupportedImageError(f"BMP: {bits}-bit, compression {compression}")
+    offset, stride = struct.unpack("<I", b[10:14])[0], (width * bits + 31) // 32 * 4
+    if compression == 0 and offset + stride * abs(height) > len(b): raise CorruptImageError("BMP: truncated pixel data")
+    return ImageHeader("bmp", width, abs(height), bits == 32)
 
-# %% ../nbs/01_data.ipynb #bdfb8206
+# %% ../nbs/01_data.ipynb #cc79dbd3
 def read_header(b: bytes) -> ImageHeader:
-    "Format, size and alpha flag from the first bytes; `UnsupportedImageError` for anything else."
+    "Format, size and alpha flag from the header; a typed `ImageError` for whatever it cannot parse."
     if not b: raise EmptyImageError("empty input: zero bytes")
-    if b[:3] == b"\xff\xd8\xff": return _jpeg_header(b)
-    if b[:8] == b"\x89PNG\r\n\x1a\n": return _png_header(b)
-    if b[:4] == b"RIFF" and b[8:12] == b"WEBP": return _webp_header(b)
-    if b[:2] == b"BM": return _bmp_header(b)
-    raise UnsupportedImageError("not a JPEG, PNG, WebP or BMP image")
-
-# %% ../nbs/01_data.ipynb #27db6cf0
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service takes its own limit from CATDOG_MAX_PIXELS
-
-def _to_bgr8(img: np.ndarray) -> np.ndarray:
-    "Any decoded array -> 8-bit BGR; alpha is composited onto white (transparent product shots stay light)."
-    if img.dtype == np.uint16: img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8: img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2: return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        return (img[:, :, :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
-    return img
-
-def _jpeg_is_truncated(b: bytes) -> bool:
-    # Inside entropy-coded data 0xFF is always stuffed, so the last EOI must follow the last SOS.
-    return b.rfind(b"\xff\xd9") < b.rfind(b"\xff\xda")
-
-# %% ../nbs/01_data.ipynb #deaf4754
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    "Bytes -> upright `H x W x 3` uint8 BGR array, or a typed `ImageError` saying why not."
-    header = read_header(bytes(data[:64 * 1024]))
-    pixels = header.width * header.height
+    if b[:3] == b"\xff\xd8\xff": header = _jpeg_header(b)
+    elif b[:8] == b"\x89PNG\r\n\x1a\n": header = _png_header(b)
+    elif b[:4] == b"RIFF" and b[8:12] == b"WEBP": header = _webp_header(b)
+    elif b[:2] == b"BM": header = _bmp_header(b)
+    else: raise UnsupportedImageError("not a JPEG, PNG, WebP or BMP image")
     if header.width <= 0 or header.height <= 0: raise CorruptImageError(f"{header.format}: invalid size in header")
+    return header
+
+# %% ../nbs/01_data.ipynb #600a9a8a
+DECODE_TARGET_SIDE = 520  # the shorter side kept when decoding: twice the largest backbone input (lite2, 260 px)
+DECODED_MAX_PIXELS = (2 * DECODE_TARGET_SIDE) ** 2  # what a decoded image may hold (1.08 MP), panoramas too
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+def jpeg_scale(width: int, height: int, target: int = DECODE_TARGET_SIDE) -> int:
+    "The largest libjpeg scale denominator (1, 2, 4, 8) that keeps the shorter side at `target` pixels or more."
+    return max(s for s in _REDUCED if s == 1 or -(-min(width, height) // s) >= target)
+
+def _shrink(image: np.ndarray, max_pixels: int = DECODED_MAX_PIXELS) -> np.ndarray:
+    "`image` resized (area interpolation) to at most `max_pixels`."
+    h, w = image.shape[:2]
+    if h * w <= max_pixels: return image
+    scale = (max_pixels / (h * w)) ** 0.5
+    return cv2.resize(image, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+
+# %% ../nbs/01_data.ipynb #f8c8b20b
+def _composite_on_white(bgra: np.ndarray, rows: int = 256) -> np.ndarray:
+    "A BGRA image (8 or 16 bits) over white, as 8-bit BGRA: strip by strip, 8-bit images in place."
+    out = bgra if bgra.dtype == np.uint8 else np.empty(bgra.shape, np.uint8)
+    for top in range(0, bgra.shape[0], rows):
+        strip = bgra[top:top + rows]
+        if strip.dtype == np.uint16: strip = (strip >> 8).astype(np.uint8)
+        alpha = strip[:, :, 3:4].astype(np.uint16)
+        out[top:top + rows, :, :3] = (strip[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255
+    return out
+
+# %% ../nbs/01_data.ipynb #05ac7aea
+def _check_size(header: ImageHeader, max_pixels: int) -> None:
+    pixels = header.width * header.height
     if pixels > max_pixels:
         raise ImageTooLargeError(f"{header.width}x{header.height} = {pixels:,} pixels is over the limit of {max_pixels:,}")
-    if header.format == "jpeg" and _jpeg_is_truncated(data): raise CorruptImageError("JPEG: truncated (no end-of-image marker)")
-    # IMREAD_COLOR applies the EXIF orientation; only images with alpha need UNCHANGED (which ignores EXIF).
-    flags = cv2.IMREAD_UNCHANGED if header.has_alpha else cv2.IMREAD_COLOR
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if img is None or img.size == 0: raise CorruptImageError(f"{header.format}: the decoder could not read the data")
-    return _to_bgr8(img)
+    decoded = pixels * ((8 if header.bits == 16 else 4) if header.has_alpha else 3)
+    if decoded > 3 * max_pixels:
+        raise ImageTooLargeError(f"{header.width}x{header.height} with alpha decodes to {decoded:,} bytes, over the "
+                                 f"limit of {3 * max_pixels:,} ({max_pixels:,} RGB pixels)")
+    if max(header.width, header.height) > MAX_SIDE:
+        raise CorruptImageError(f"{header.format}: a side of {max(header.width, header.height):,} pixels (at most {MAX_SIDE:,})")
+
+# %% ../nbs/01_data.ipynb #1c5c41ad
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    "Bytes -> upright `H x W x 3` uint8 BGR array of at most `DECODED_MAX_PIXELS`, or a typed `ImageError` saying why not."
+    header = read_header(data if isinstance(data, bytes) else bytes(data))
+    _check_size(header, max_pixels)
+    # alpha needs UNCHANGED (8 or 16 bits, no EXIF rotation); the rest IMREAD_COLOR (8-bit BGR, EXIF orientation
+    # applied), JPEGs reduced by libjpeg while decoding
+    flags = (cv2.IMREAD_UNCHANGED if header.has_alpha else
+             _REDUCED[jpeg_scale(header.width, header.height)] if header.format == "jpeg" else cv2.IMREAD_COLOR)
+    try: image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        if header.width * header.height > int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"]):
+            raise ImageTooLargeError(f"{header.width}x{header.height} is over the decoder's pixel limit") from e
+        image = None
+    if image is None or image.size == 0: raise CorruptImageError(f"{header.format}: the decoder could not read the data")
+    if image.dtype not in (np.uint8, np.uint16): raise UnsupportedImageError(f"{header.format}: {image.dtype} samples")
+    if image.ndim == 2: image = image[:, :, None]
+    if image.shape[2] == 4: return cv2.cvtColor(_shrink(_composite_on_white(image)), cv2.COLOR_BGRA2BGR)
+    if image.dtype == np.uint16: image = (image >> 8).astype(np.uint8)
+    return _shrink(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.shape[2] == 1 else image)
+
+# %% ../nbs/01_data.ipynb #22664868
+def max_file_bytes(max_pixels: int) -> int:
+    "The largest image file accepted: an uncompressed 32-bit BMP of `max_pixels` (4 bytes a pixel), plus 16 MiB of metadata."
+    return 4 * max_pixels + (16 << 20)
+
+def read_image_file(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    "The bytes of the image file `path`; `ImageError` for what is not a regular file or is too large, `OSError` if unreadable."
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    info = os.fstat(fd)  # of the open file: it cannot be swapped after the check
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_file_bytes(max_pixels):
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode): raise UnsupportedImageError("not a regular file (a folder, FIFO, device or socket)")
+        raise ImageTooLargeError(f"a file of {info.st_size:,} bytes is over the limit of {max_file_bytes(max_pixels):,}")
+    with os.fdopen(fd, "rb") as f: return f.read(max_file_bytes(max_pixels) + 1)
 
 def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    "`decode_image` of a file's bytes."
-    return decode_image(Path(path).read_bytes(), max_pixels)
+    "`decode_image` of an image file."
+    return decode_image(read_image_file(path, max_pixels), max_pixels)
 
 # %% ../nbs/01_data.ipynb #146c095f
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

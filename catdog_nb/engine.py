@@ -11,6 +11,7 @@ from __future__ import annotations
 import os, threading
 from collections.abc import Sequence
 from pathlib import Path
+import catdog_nb.core  # before cv2: core sets its pixel cap (CATDOG_MAX_PIXELS)
 import cv2
 import numpy as np
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import gc, hashlib, multiprocessing, os, threading, time, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from .core import Progress, get_logger, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .core import Progress, get_logger, project_root
 from .data import ImageError, decode_image
 from .engine import available_cores
 from .features import FeatureExtractor

@@ -11,12 +11,12 @@ Docs: https://catdog.github.io/catdog/features.html.md"""
 from __future__ import annotations
 import hashlib, json, math, threading
 from pathlib import Path
+from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from fastcore.basics import patch
 from .backbone import BACKBONE_INPUT_SIZES, EMBEDDING_NAME, backbone_paths
 from .engine import ENGINES, center_square, check_engine, imagenet_batch, load_engine
-from .core import load_params, project_root
 
 # %% auto #0
 __all__ = ['FEATURE_SETS', 'SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',

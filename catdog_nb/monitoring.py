@@ -78,15 +78,21 @@ class RequestMetrics:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        status, start = 500, time.perf_counter()
+        status, start, started, gone = 500, time.perf_counter(), False, False
+        async def receive_and_watch():
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect": gone = True
+            return message
         async def send_and_record(message):
-            nonlocal status
-            if message["type"] == "http.response.start": status = message["status"]
+            nonlocal status, started
+            if message["type"] == "http.response.start": status, started = message["status"], True
             await send(message)
         self.metrics.in_flight.inc()
-        try: await self.app(scope, receive, send_and_record)
+        try: await self.app(scope, receive_and_watch, send_and_record)
         finally:
             self.metrics.in_flight.dec()
+            if gone and (status >= 500 or not started): status = 499  # the client left: nobody to answer, no server error
             route = scope.get("path_template", "unmatched") if "route_handler" in scope else "unmatched"
             method = scope.get("method", "")
             if method not in KNOWN_METHODS: method = "other"  # any token is a valid method: keep the label bounded

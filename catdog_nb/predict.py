@@ -15,7 +15,7 @@ import numpy as np
 from fastcore.basics import patch
 from .bundle import BundleError, read_bundle, resolve_bundle
 from .core import get_logger, load_params, project_root
-from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_file
 from .engine import ENGINES, check_engine
 from .features import SETTINGS_GROUPS, FeatureExtractor
 
@@ -153,8 +153,8 @@ def predict_paths(self: Classifier, paths: Iterable[str | Path], batch_size: int
         for chunk in _chunks(files, batch_size or self.batch_size):
             blobs, results = [], {}
             for i, f in enumerate(chunk):
-                try: blobs.append((i, f.read_bytes()))
-                except OSError as e: results[i] = e
+                try: blobs.append((i, read_image_file(f, self.max_pixels)))  # regular files only, size checked first
+                except (OSError, ImageError) as e: results[i] = e
             for (i, _), r in zip(blobs, self.predict_bytes([b for _, b in blobs], batch_size)): results[i] = r
             for i, f in enumerate(chunk): yield f, results[i]
             if bar is not None: bar.update(len(chunk))

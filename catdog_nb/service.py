@@ -8,9 +8,8 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/17_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, base64, binascii, functools, json, os, typing
+import asyncio, functools, os, typing
 from dataclasses import dataclass, field, fields
-from http import HTTPStatus
 from importlib import resources
 import anyio
 import numpy as np
@@ -20,25 +19,26 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State, UploadFile
 from litestar.di import Provide
 from litestar.enums import MediaType
-from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.plugins.problem_details import ProblemDetailsException, ProblemDetailsPlugin
 from . import __version__
-from .batcher import MicroBatcher
+from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchResult, ClientGone, Health,
+                           PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
+                           problem, problem_responses, read_form, read_part, with_body)
+from .batcher import MicroBatcher, QueueFull
 from .core import get_logger
-from .data import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError
+from .bundle import BundleError
+from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
 from .engine import available_cores, check_engine
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .predict import Classifier, Prediction, default_engine, default_model_uri
 
 # %% auto #0
-__all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Settings', 'Problem', 'problem', 'image_problem', 'image_from_json',
-           'media_type_of', 'read_form', 'read_part', 'image_bytes', 'PredictResult', 'BatchItem', 'BatchResult',
-           'Health', 'Readiness', 'ServiceState', 'service_state', 'model_ready', 'predict', 'predict_batch', 'health',
-           'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
+__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'ServiceState', 'service_state', 'model_ready', 'read_by',
+           'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html',
+           'page', 'create_app', 'app_from_env']
 
 # %% ../nbs/17_service.ipynb #d65caa16
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Settings:
     max_wait_ms: float = 5.0
     workers: int = 1
     log_level: str = "INFO"
+    request_timeout_s: float = 30.0
+    max_queue: int = 32
+    max_files: int = 16
+    decode_threads: int = 1
+    limit_concurrency: int = 32
 
     def __post_init__(self):
         try: check_engine(self.engine)
@@ -74,143 +79,15 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
         values[f.name] = value
     return cls(**values)
 
-# %% ../nbs/17_service.ipynb #08bbf370
-PROBLEM_JSON = "application/problem+json"
+# %% ../nbs/17_service.ipynb #05d6603a
+MODEL_BASE_MIB = 480  # one worker with the Lite2 bundle, warmed up, a full batch in flight
 
-@dataclass
-class Problem:
-    "An RFC 9457 problem document."
-    status: int
-    title: str
-    detail: str
-    reason: str | None = None
-
-def problem(status: int, detail: str, reason: str | None = None, headers: dict | None = None) -> ProblemDetailsException:
-    "The exception that becomes a problem+json answer."
-    return ProblemDetailsException(status_code=status, detail=detail, title=HTTPStatus(status).phrase,
-                                   extra={"reason": reason} if reason else None, headers=headers)
-
-def image_problem(e: ImageError) -> ProblemDetailsException:
-    "The problem of an image that cannot be used: 413 when it is too large, 400 otherwise."
-    return problem(413 if isinstance(e, ImageTooLargeError) else 400, f"not a usable image: {e}", e.reason)
-
-# %% ../nbs/17_service.ipynb #5c272c52
-_log = get_logger("catdog.service")
-
-def _image_error_handler(request: Request, exc: ImageError) -> Response:
-    return image_problem(exc).to_response(request)
-
-def _http_error_handler(request: Request, exc: HTTPException) -> Response:
-    detail = exc.detail
-    if exc.status_code == 413:
-        detail = f"request body is over the limit of {request.app.request_max_body_size:,} bytes (CATDOG_MAX_BYTES)"
-    return problem(exc.status_code, detail, headers=exc.headers).to_response(request)
-
-def _unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    _log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return problem(500, "internal error; it has been logged", "internal").to_response(request)
-
-EXCEPTION_HANDLERS = {ImageError: _image_error_handler, HTTPException: _http_error_handler,
-                      Exception: _unexpected_error_handler}
-
-# %% ../nbs/17_service.ipynb #35e0df1d
-def image_from_json(body: bytes) -> bytes:
-    "The image bytes of a JSON body `{\"image\": \"<base64>\"}`; 422 for malformed JSON or base64."
-    try: doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
-        raise problem(422, f"malformed JSON: {type(e).__name__}: {e}"[:300], "malformed_json") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
-        raise problem(422, 'expected a JSON object {"image": "<base64 of the image bytes>"}', "malformed_json")
-    text = doc["image"]
-    if text.startswith("data:"): text = text.partition(",")[2]  # data:image/jpeg;base64,....
-    try: return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as e: raise problem(422, f"`image` is not valid base64: {e}", "malformed_base64") from None
-
-# %% ../nbs/17_service.ipynb #600db023
-def media_type_of(request: Request) -> str:
-    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
-
-async def read_form(request: Request):
-    "The multipart form of `request`; Litestar's own errors (413, ...) pass, a broken body is a 400."
-    try: return await request.form()
-    except HTTPException: raise
-    except Exception as e: raise problem(400, f"malformed multipart body: {e}", "malformed_multipart") from None
-
-async def read_part(part) -> bytes:
-    if not isinstance(part, UploadFile): raise problem(422, "the form field must be a file, not text", "not_a_file")
-    return await part.read()
-
-# %% ../nbs/17_service.ipynb #05a01823
-async def image_bytes(request: Request) -> bytes:
-    "The one image of a `POST /predict`, whichever of the three forms it came in."
-    media_type = media_type_of(request)
-    if media_type == "multipart/form-data":
-        form = await read_form(request)
-        if "file" not in form: raise problem(422, "the multipart form has no field `file`", "missing_file")
-        return await read_part(form["file"])
-    if media_type.startswith("image/") or media_type == "application/octet-stream": return await request.body()
-    if media_type == "application/json": return image_from_json(await request.body())
-    raise problem(415, f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with a "
-                  "field `file`, the raw image with an image/* type, or JSON {\"image\": \"<base64>\"}",
-                  "unsupported_media_type")
-
-# %% ../nbs/17_service.ipynb #6554ef3b
-@dataclass
-class PredictResult:
-    label: str
-    probability: dict[str, float]
-    model_version: str
-    inference_ms: float  # model time of the micro-batch this image was part of
-
-@dataclass
-class BatchItem:
-    filename: str | None
-    label: str | None = None
-    probability: dict[str, float] | None = None
-    inference_ms: float | None = None
-    error: Problem | None = None
-
-@dataclass
-class BatchResult:
-    model_version: str
-    results: list[BatchItem]
-
-@dataclass
-class Health:
-    status: str
-
-@dataclass
-class Readiness:
-    status: str
-    model_version: str
-
-# %% ../nbs/17_service.ipynb #64f2dcb5
-_BINARY = Schema(type="string", format="binary")  # type: ignore[arg-type]
-_IMAGE_BODY = RequestBody(required=True, description="One image: JPEG, PNG, WebP or BMP", content={
-    "multipart/form-data": OpenAPIMediaType(schema=Schema(
-        type="object", properties={"file": _BINARY}, required=["file"])),  # type: ignore[arg-type]
-    "image/jpeg": OpenAPIMediaType(schema=_BINARY), "image/png": OpenAPIMediaType(schema=_BINARY),
-    "image/webp": OpenAPIMediaType(schema=_BINARY), "application/octet-stream": OpenAPIMediaType(schema=_BINARY),
-    "application/json": OpenAPIMediaType(schema=Schema(
-        type="object", properties={"image": Schema(type="string", description="base64 of the image bytes")},  # type: ignore[arg-type]
-        required=["image"]))})
-_BATCH_BODY = RequestBody(required=True, description="Several images, each a multipart file field `files`", content={
-    "multipart/form-data": OpenAPIMediaType(schema=Schema(
-        type="object", properties={"files": Schema(type="array", items=_BINARY)}, required=["files"]))})  # type: ignore[arg-type]
-
-def _with_body(body: RequestBody) -> type[Operation]:
-    "An `Operation` class declaring `body` (Litestar sees no `data` parameter on these handlers)."
-    @dataclass
-    class _Operation(Operation):
-        def __post_init__(self): self.request_body = body
-    return _Operation
-
-def _problems(*statuses: int) -> dict[int, ResponseSpec]:
-    why = {400: "not a decodable image, or a malformed multipart body", 413: "body or image over the limits",
-           415: "unsupported content type", 422: "malformed JSON or base64, or a missing form field",
-           503: "the model is not loaded yet"}
-    return {s: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=why[s], generate_examples=False)
-            for s in statuses}
+def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> float:
+    "Worst-case resident memory of one worker, in MiB: the model, plus all that the limits let requests hold at once."
+    held = (settings.limit_concurrency * settings.max_bytes       # request bodies being read
+            + settings.decode_threads * 6 * settings.max_pixels   # images being decoded
+            + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model
+    return base_mib + held / 2**20
 
 # %% ../nbs/17_service.ipynb #982ba467
 class ServiceState:
@@ -219,21 +96,31 @@ class ServiceState:
         self.settings, self.metrics = settings, ServiceMetrics()
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
-        self.ready, self.error = False, None
+        self.ready, self.error = False, None  # `error`: why loading failed, for the log only
+        self.decode_limiter: anyio.CapacityLimiter | None = None  # made by `load`, inside the event loop
         self._loader: asyncio.Task | None = None
 
 def service_state(state: State) -> ServiceState:
     "The dependency `service` of the handlers: the app's one `ServiceState`."
     return state.service
 
-def model_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    "Guard of the routes that need the model: a 503 problem, with `Retry-After`, until it is loaded."
-    service = service_state(connection.app.state)
-    if not service.ready:
-        detail = f"the model failed to load: {service.error}" if service.error else "the model is loading"
+@patch
+def check_ready(self: ServiceState) -> None:
+    "Nothing, or the 503 problem that says why requests cannot be served now (the log has the details)."
+    if not self.ready:
+        detail = "the model failed to load (see the service log)" if self.error else "the model is loading"
         raise problem(503, detail, "not_ready", headers={"Retry-After": "5"})
+    if not self.batcher.alive(): raise problem(503, "the model thread has stopped (see the service log)", "not_ready")
+    if self.batcher.oldest_wait_s() > self.settings.request_timeout_s:
+        raise overloaded("requests wait longer than the request deadline; retry shortly")
+
+def model_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    "Guard of the routes that need the model: 503 until it is loaded, when its thread stopped or it lags the deadline."
+    service_state(connection.app.state).check_ready()
 
 # %% ../nbs/17_service.ipynb #caaf1c74
+_log = get_logger("catdog.service")
+
 def _engine_threads(workers: int) -> int:
     "Engine threads per worker process: the cores shared among the workers, so that they do not oversubscribe."
     return max(1, available_cores() // max(1, workers))
@@ -248,13 +135,17 @@ async def load(self: ServiceState) -> None:
         classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
             s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, engine=s.engine, threads=_engine_threads(s.workers)))
         self.classifier = classifier
+        self.decode_limiter = anyio.CapacityLimiter(s.decode_threads)
         self.batcher = MicroBatcher(lambda images: classifier.predict_images(images, batch_size=len(images)),
-                                    s.max_batch, s.max_wait_ms / 1000, self._on_batch)
+                                    s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
         warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
         await self.batcher.submit([warm_up])
         self.metrics.model_info.labels(classifier.version).set(1)
         self.ready = True
         _log.info("ready: model %s version %s, engine %s", classifier.name, classifier.version, s.engine)
+    except BundleError as e:  # a damaged or missing bundle: one line says which and why
+        self.error = str(e)
+        _log.error("model %s refused: %s", self.settings.model_uri, e)
     except Exception as e:  # reported by /ready; the process stays up for /health and the logs
         self.error = f"{type(e).__name__}: {e}"
         _log.exception("model %s failed to load", self.settings.model_uri)
@@ -281,67 +172,111 @@ async def stop(self: ServiceState) -> None:
     if self.batcher: await anyio.to_thread.run_sync(self.batcher.close)
     mark_worker_dead()
 
+# %% ../nbs/17_service.ipynb #438c8bc0
+def _late() -> ProblemDetailsException:
+    return overloaded("no answer within the request deadline; retry shortly")
+
+async def read_by(deadline: float, reading: typing.Awaitable):
+    "What `reading` (the body) gives, or 408 at `deadline` (event-loop time); the connection is then closed."
+    try:
+        async with asyncio.timeout_at(deadline): return await reading
+    except TimeoutError:
+        raise problem(408, "the request body did not arrive within the deadline", "timeout", {"Connection": "close"}) from None
+
+@patch
+async def decode(self: ServiceState, data: bytes, deadline: float) -> np.ndarray:
+    "One image decoded in a worker thread, at most `decode_threads` at once; 503 past `deadline`."
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anyio.to_thread.run_sync(self.classifier.decode, data, limiter=self.decode_limiter)
+    except TimeoutError: raise _late() from None
+
+# %% ../nbs/17_service.ipynb #9ff12b46
+async def _until_disconnect(request: Request) -> None:
+    "Returns once the client has gone (the body is read: the next ASGI message can only be the disconnect)."
+    while (await request.receive())["type"] != "http.disconnect": pass
+
+def reserve(arrival, n: int) -> None:
+    "Hold `n` places in the micro-batcher for images about to be decoded, or 503 at once."
+    try: arrival.reserve(n)
+    except QueueFull: raise overloaded() from None
+
+async def model_rows(request: Request, arrival, images: list, deadline: float) -> list:
+    "The model's rows for `images`; 503 past `deadline`; `ClientGone` (their images dropped) when the client leaves."
+    submitted = asyncio.ensure_future(arrival.submit(images, deadline))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({submitted, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not submitted.done(): raise ClientGone()
+        try: return submitted.result()
+        except TimeoutError: raise _late() from None
+    finally:
+        submitted.cancel(); gone.cancel()
+
 # %% ../nbs/17_service.ipynb #15b4ce79
-@post("/predict", operation_class=_with_body(_IMAGE_BODY), status_code=200, summary="Classify one image",
-      responses=_problems(400, 413, 415, 422, 503), guards=[model_ready])
+@post("/predict", operation_class=with_body(IMAGE_BODY), status_code=200, summary="Classify one image",
+      responses=problem_responses(400, 408, 413, 415, 422, 503), guards=[model_ready])
 async def predict(request: Request, service: ServiceState) -> PredictResult:
+    deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
     async with service.batcher.arriving() as arrival:
-        data = await image_bytes(request)
-        image = await anyio.to_thread.run_sync(service.classifier.decode, data)  # decoding off the event loop
-        ((row, seconds),) = await arrival.submit([image])
+        data = await read_by(deadline, image_bytes(request))
+        reserve(arrival, 1)
+        image = await service.decode(data, deadline)
+        ((row, seconds),) = await model_rows(request, arrival, [image], deadline)
     prediction = service.observe(row)
     return PredictResult(prediction.label, prediction.probability, service.classifier.version, round(seconds * 1000, 3))
 
 # %% ../nbs/17_service.ipynb #86850618
-def _decode_all(classifier: Classifier, blobs: list) -> list:
-    "Each blob decoded, or the error that kept it from being decoded."
-    out = []
-    for data in blobs:
-        if isinstance(data, Exception): out.append(data); continue
-        try: out.append(classifier.decode(data))
-        except ImageError as e: out.append(e)
-    return out
-
-async def _read_batch(request: Request, classifier: Classifier) -> tuple[list, list]:
-    "(the file parts of the form, in order; for each, its decoded image or its error)."
+async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
+    "The file parts `files` of a batch form, in order; 422 for none or for a text part, 413 for more than `max_files`."
     form = await read_form(request)
-    parts = [(k, v) for k, v in form.multi_items() if k in ("files", "file")]
+    parts = [v for k, v in form.multi_items() if k in ("files", "file")]
     if not parts: raise problem(422, "the multipart form has no field `files`", "missing_file")
-    blobs = []
-    for _, part in parts:
-        try: blobs.append(await read_part(part))
-        except ProblemDetailsException as e: blobs.append(e)
-    return parts, await anyio.to_thread.run_sync(_decode_all, classifier, blobs)
+    if not all(isinstance(part, UploadFile) for part in parts):
+        raise problem(422, "each `files` field must be a file, not text", "not_a_file")
+    if len(parts) > max_files:
+        raise problem(413, f"{len(parts)} files, at most {max_files} per request (CATDOG_MAX_FILES)", "too_many_files")
+    return parts
 
-def _batch_item(service: ServiceState, part, decoded, rows) -> BatchItem:
+async def _decode_part(service: ServiceState, part: UploadFile, deadline: float):
+    "The image of one file part, or the `ImageError` that says why not (it fails alone)."
+    try: return await service.decode(await part.read(), deadline)
+    except ImageError as e: return e
+
+def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> BatchItem:
     "The answer for one file: its prediction (the next of `rows`), or its problem."
-    name = getattr(part, "filename", None)
-    if isinstance(decoded, ImageError): decoded = image_problem(decoded)
-    if isinstance(decoded, ProblemDetailsException):
-        return BatchItem(name, error=Problem(decoded.status_code, decoded.title, decoded.detail,
-                                             (decoded.extra or {}).get("reason")))
+    if isinstance(decoded, ImageError):
+        e = image_problem(decoded)
+        return BatchItem(part.filename, error=Problem(e.status_code, e.title, e.detail, decoded.reason))
     row, seconds = next(rows)
     prediction = service.observe(row)
-    return BatchItem(name, prediction.label, prediction.probability, round(seconds * 1000, 3))
+    return BatchItem(part.filename, prediction.label, prediction.probability, round(seconds * 1000, 3))
 
 # %% ../nbs/17_service.ipynb #e8c4612d
-@post("/predict/batch", operation_class=_with_body(_BATCH_BODY), status_code=200, summary="Classify several images",
-      responses=_problems(400, 413, 415, 422, 503), guards=[model_ready])
+@post("/predict/batch", operation_class=with_body(BATCH_BODY), status_code=200, summary="Classify several images",
+      responses=problem_responses(400, 408, 413, 415, 422, 503), guards=[model_ready])
 async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
     if media_type_of(request) != "multipart/form-data":
         raise problem(415, "send the images as multipart/form-data, each in a field named `files`", "unsupported_media_type")
+    deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
     async with service.batcher.arriving() as arrival:
-        parts, decoded = await _read_batch(request, service.classifier)
-        rows = iter(await arrival.submit([d for d in decoded if isinstance(d, np.ndarray)]))
-    items = [_batch_item(service, part, d, rows) for (_, part), d in zip(parts, decoded)]
+        parts = await read_by(deadline, file_parts(request, service.settings.max_files))
+        reserve(arrival, len(parts))
+        decoded = [await _decode_part(service, part, deadline) for part in parts]  # one at a time
+        rows = iter(await model_rows(request, arrival, [d for d in decoded if isinstance(d, np.ndarray)], deadline))
+    items = [_batch_item(service, part, d, rows) for part, d in zip(parts, decoded)]
     return BatchResult(service.classifier.version, items)
 
 # %% ../nbs/17_service.ipynb #69c1453d
-@get("/health", summary="Liveness: the process answers")
-async def health() -> Health:
+@get("/health", summary="Liveness: the process answers, its model thread runs and keeps up", responses=problem_responses(503))
+async def health(service: ServiceState) -> Health:
+    batcher, deadline = service.batcher, service.settings.request_timeout_s
+    if batcher is not None and (not batcher.alive() or batcher.oldest_wait_s() > 3 * deadline):
+        raise problem(503, "the model thread has stopped or is stuck: restart", "wedged")  # the liveness probe restarts it
     return Health("ok")
 
-@get("/ready", summary="Readiness: model loaded and warmed up", responses=_problems(503), guards=[model_ready])
+@get("/ready", summary="Readiness: model loaded and warmed up, keeping up with the deadline",
+     responses=problem_responses(503), guards=[model_ready])
 async def ready(service: ServiceState) -> Readiness:
     return Readiness("ready", service.classifier.version)
 
@@ -370,13 +305,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[predict, predict_batch, health, ready, metrics, page],
         state=State({"service": service}), dependencies={"service": Provide(service_state, sync_to_thread=False)},
         on_startup=[service.start], on_shutdown=[service.stop],
-        request_max_body_size=settings.max_bytes,
+        request_max_body_size=settings.max_bytes, multipart_form_part_limit=settings.max_files + 8,
         plugins=[ProblemDetailsPlugin()], exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(
             title="catdog", version=__version__, path="/schema",
             description="Cats vs dogs classifier. Images come only in request bodies; the service fetches no URLs.",
             render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()]),
         logging_config=None)
+    batch = app.openapi_schema.paths["/predict/batch"].post.request_body.content["multipart/form-data"].schema
+    batch.properties["files"].max_items = settings.max_files  # the schema states this app's limit
     app.asgi_handler = RequestMetrics(app.asgi_handler, service.metrics)
     return app
 

@@ -191,6 +191,8 @@ def test_deployment_runs_locked_down(k8s):
     c = container(k8s)
     image_uid = int(stages()[-1].args("USER")[0].split(":")[0])
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == image_uid
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False  # the service never talks to the Kubernetes API
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -202,6 +204,32 @@ def test_deployment_runs_locked_down(k8s):
     assert set(mounts.values()) <= empty_dirs
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     assert set(mounts) == {"/tmp", env["PROMETHEUS_MULTIPROC_DIR"]}
+
+
+def mebibytes(quantity: str) -> float:
+    "A Kubernetes memory quantity (`640Mi`, `1Gi`, `1500M`) in MiB."
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?)?", quantity).groups()
+    scale = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "K": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20, None: 1 / 2**20}
+    return float(number) * scale[unit]
+
+
+def test_memory_limit_covers_the_worst_case_of_one_worker(k8s):
+    "The limit is the service's own worst-case formula at the settings the pod runs with (one worker per pod)."
+    from catdog_nb.service import Settings, memory_ceiling_mib
+    settings = Settings.from_env(k8s["configmap"]["data"])
+    assert settings.workers == 1
+    limit = mebibytes(container(k8s)["resources"]["limits"]["memory"])
+    assert memory_ceiling_mib(settings) <= limit <= 1.25 * memory_ceiling_mib(settings), (memory_ceiling_mib(settings), limit)
+    assert mebibytes(container(k8s)["resources"]["requests"]["memory"]) < limit
+
+
+def test_network_policy_admits_the_service_port_only_and_lets_nothing_out(k8s):
+    policy, pod = k8s["networkpolicy"]["spec"], k8s["deployment"]["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": container(k8s)["ports"][0]["name"], "protocol": "TCP"}]
+    assert policy["egress"] == []  # the service fetches nothing: no egress at all, DNS included
 
 
 def test_deployment_is_scraped_and_configured(k8s):

@@ -184,10 +184,12 @@ def test_200_concurrent_mixed_requests_no_server_error(server, training_photos, 
             return await asyncio.gather(*(one(i, k) for i, k in enumerate(plan)))
 
     answers = asyncio.run(run())
-    assert not [r for r in answers if r.status_code >= 500]
-    assert [r.status_code for r in answers] == [kinds[k][2] for k in plan]
+    busy = [r for r in answers if r.status_code == 503]  # over CATDOG_LIMIT_CONCURRENCY connections: come back later
+    assert all(int(r.headers["retry-after"]) > 0 for r in busy) and len(answers) - len(busy) >= 16
+    assert not [r for r in answers if r.status_code >= 500 and r.status_code != 503]
+    assert [r.status_code for r in answers if r.status_code != 503] == [kinds[k][2] for r, k in zip(answers, plan) if r.status_code != 503]
     good = [(r.json()["label"], training_photos[i % len(training_photos)].parent.name)
-            for i, (r, k) in enumerate(zip(answers, plan)) if k == "good"]
+            for i, (r, k) in enumerate(zip(answers, plan)) if k == "good" and r.status_code == 200]
     assert sum(a == b for a, b in good) >= 0.95 * len(good)  # the training sample itself
     assert httpx.get(f"{server['url']}/ready").status_code == 200
 
