@@ -21,11 +21,11 @@ from .train import load_dataset, predict_proba, split_xy, train_booster
 __all__ = ['COMPARE_COLUMNS', 'evaluate_variant', 'compare_variants', 'best_variant', 'write_comparison', 'comparison_figure']
 
 # %% ../nbs/14_compare.ipynb #114e7891
-def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest, features_dir) -> dict:
+def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest, features_dir, progress: str | None = None) -> dict:
     "Train on `sets` (train split, early stopping on val); `{'n_features', 'best_iteration', 'val_<m>', 'test_<m>'}`."
     frame, columns = load_dataset(sets, manifest, features_dir)
     split = {s: split_xy(frame, columns, s) for s in SPLITS}
-    booster, _ = train_booster(*split["train"], *split["val"], cfg, seed, columns)
+    booster, _ = train_booster(*split["train"], *split["val"], cfg, seed, columns, progress)
     result = {"n_features": len(columns), "best_iteration": booster.best_iteration}
     for s in ("val", "test"):
         X, y = split[s]
@@ -36,15 +36,16 @@ def evaluate_variant(sets: list[str], cfg: dict, seed: int, manifest, features_d
 
 # %% ../nbs/14_compare.ipynb #55750c29
 def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, manifest, features_dir,
-                     run_tags: dict | None = None) -> pd.DataFrame:
-    "One row per variant (index: its name) with `sets` and `evaluate_variant`'s figures; each in a nested MLflow run with `run_tags`, if given."
+                     run_tags: dict | None = None, progress: bool = False) -> pd.DataFrame:
+    "One row per variant (index: its name) with `sets` and `evaluate_variant`'s figures; each in a nested MLflow run with `run_tags`, if given; `progress`: its training rounds in the terminal."
     log, rows = get_logger("catdog.compare"), {}
     for name, sets in variants.items():
-        if run_tags is None: result = evaluate_variant(sets, cfg, seed, manifest, features_dir)
+        label = f"compare {name}" if progress else None
+        if run_tags is None: result = evaluate_variant(sets, cfg, seed, manifest, features_dir, label)
         else:
             import mlflow
             with mlflow.start_run(run_name=name, nested=True, tags={**run_tags, "feature_sets": ",".join(sets)}):
-                result = evaluate_variant(sets, cfg, seed, manifest, features_dir)
+                result = evaluate_variant(sets, cfg, seed, manifest, features_dir, label)
                 mlflow.log_params({**{f"train.{k}": v for k, v in cfg.items()}, "seed": seed, "features.sets": ",".join(sets)})
                 mlflow.log_metrics(result)
         rows[name] = {"sets": "+".join(sets), **result}

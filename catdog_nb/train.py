@@ -13,6 +13,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 from .bundle import CLASSES
+from .core import Progress
 
 # %% auto #0
 __all__ = ['LGB_KEYS', 'FeatureTableError', 'feature_columns', 'load_dataset', 'split_xy', 'lgb_params', 'training_params',
@@ -74,15 +75,21 @@ def training_params(cfg: dict) -> dict:
 
 # %% ../nbs/12_train.ipynb #c704156f
 def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                  cfg: dict, seed: int, feature_names: list[str] | None = None) -> tuple[lgb.Booster, dict]:
-    "(booster trained with early stopping on val, its per-round val log loss `{'val': [...]}`)."
+                  cfg: dict, seed: int, feature_names: list[str] | None = None,
+                  progress: str | None = None) -> tuple[lgb.Booster, dict]:
+    "(booster trained with early stopping on val, its per-round val log loss `{'val': [...]}`); `progress`: a terminal line's label."
     params = lgb_params(cfg, seed)
     train_set = lgb.Dataset(X_train, y_train, feature_name=feature_names or "auto", params=params)
     val_set = lgb.Dataset(X_val, y_val, reference=train_set)
     history = {}
-    booster = lgb.train(params, train_set, num_boost_round=cfg["num_boost_round"], valid_sets=[val_set],
-                        valid_names=["val"], callbacks=[lgb.early_stopping(cfg["early_stopping_rounds"], verbose=False),
-                                                        lgb.record_evaluation(history)])
+    callbacks = [lgb.early_stopping(cfg["early_stopping_rounds"], verbose=False), lgb.record_evaluation(history)]
+    if progress:  # rounds done of the most allowed: early stopping usually ends well before
+        bar = Progress(cfg["num_boost_round"], progress, unit="rounds")
+        callbacks.append(lambda env: bar.update())
+    try: booster = lgb.train(params, train_set, num_boost_round=cfg["num_boost_round"], valid_sets=[val_set],
+                             valid_names=["val"], callbacks=callbacks)
+    finally:
+        if progress: bar.close()
     return booster, {"val": history["val"]["binary_logloss"]}
 
 def predict_proba(booster: lgb.Booster, X: np.ndarray) -> np.ndarray:
