@@ -41,7 +41,8 @@ class QueueFull(RuntimeError):
 class MicroBatcher:
     """Groups concurrent `submit`s into batches of at most `max_batch` for `predict` (a list of images -> rows), with
     at most `max_queue` images in flight (reserved by a request, queued, or being predicted; `None`: no cap)."""
-    def __init__(self, predict: Callable[[list], np.ndarray], max_batch: int = 16, max_wait_s: float = 0.005,
+    # no defaults: the service's Settings are the one home of max_batch and max_wait_ms
+    def __init__(self, predict: Callable[[list], np.ndarray], max_batch: int, max_wait_s: float,
                  on_batch: Callable[[int, float], None] | None = None, max_queue: int | None = None):
         self.predict, self.max_batch, self.max_wait_s, self.on_batch = predict, max_batch, max_wait_s, on_batch
         self.max_queue = max_queue
