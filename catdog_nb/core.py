@@ -7,15 +7,15 @@ Docs: https://catdog.github.io/catdog/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #bb367c11
 from __future__ import annotations
-import json, logging, os, random, sys, threading, time
+import json, logging, os, random, sys, tempfile, threading, time
 from pathlib import Path
 import numpy as np
 import yaml
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_PIXELS', 'project_root', 'load_params', 'get_logger', 'seed_everything', 'Progress', 'run_stage',
-           'pipeline_summary']
+__all__ = ['DEFAULT_MAX_PIXELS', 'project_root', 'load_params', 'get_logger', 'seed_everything', 'dask_client', 'Progress',
+           'run_stage', 'pipeline_summary']
 
 # %% ../nbs/00_core.ipynb #75b5dcaa
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service and the CLI read CATDOG_MAX_PIXELS
@@ -54,6 +54,16 @@ def seed_everything(seed: int) -> None:
     "Seed Python's and numpy's global generators (LightGBM and the split take `seed` explicitly)."
     random.seed(seed)
     np.random.seed(seed)
+
+# %% ../nbs/00_core.ipynb #7a64b21e
+def dask_client(address: str | None = None):
+    "A `distributed.Client` on `address`, else on `$DASK_SCHEDULER_ADDRESS`; None (run locally) when neither is set."
+    import dask  # the pipeline set only: the service never imports this
+    address = address or dask.config.get("scheduler-address", None)
+    if not address:
+        return None
+    from distributed import Client
+    return Client(address)
 
 # %% ../nbs/00_core.ipynb #a0bf43a6
 class Progress:
@@ -108,9 +118,10 @@ def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
     root = project_root()
     out = root / reports / f"{notebook}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(root / "nbs" / f"{notebook}.ipynb", out, parameters=parameters, kernel_name="python3",
-                               progress_bar=False, config=Config({"KernelManager": {"transport": "ipc"}}),
-                               extra_arguments=["--IPKernelApp.capture_fd_output=False"])
+    with tempfile.TemporaryDirectory(prefix="catdog-kernel-") as sockets:  # not in the working directory
+        config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}})
+        papermill.execute_notebook(root / "nbs" / f"{notebook}.ipynb", out, parameters=parameters, kernel_name="python3",
+                                   progress_bar=False, config=config, extra_arguments=["--IPKernelApp.capture_fd_output=False"])
     return out
 
 # %% ../nbs/00_core.ipynb #4157ff95
