@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve bench-soak
+.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve bench-soak \
+	dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes.
 $(BIN)/uv:
@@ -96,12 +97,24 @@ SERVE_WORKERS ?= 1
 serve: $(VENV)/.pipeline
 	$(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
 
+# A Dask cluster on this machine (catdog_nb.extract.dask_cluster_main): `dask scheduler` and one `dask worker` per
+# core, one thread each, on 127.0.0.1 (8786, dashboard 8787), until Ctrl-C; it prints how to run the pipeline on it.
+# Options: make dask-cluster DASK_ARGS="--workers 2 --port 8786 --dashboard-port 8787"
+dask-cluster: $(VENV)/.pipeline
+	$(BIN)/python -c "from catdog_nb.extract import dask_cluster_main; dask_cluster_main()" $(DASK_ARGS)
+
 # Benchmarks (catdog_nb.bench); run them on a quiet machine: they print the load average.
 # Feature extraction: images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
 # Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
 bench-features: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" features $(BENCH_ARGS)
+
+# Extraction in the stage's local processes and on a local Dask cluster of as many one-thread workers, same photos:
+# images/s, parallel efficiency, Dask / local. Options: make bench-dask BENCH_ARGS="--n 960 --sets lite0 --workers 2"
+bench-dask: $(VENV)/.pipeline data/raw
+	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
+	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" dask $(BENCH_ARGS)
 
 # The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
 bench-serve: $(VENV)/.pipeline data/raw

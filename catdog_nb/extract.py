@@ -1,6 +1,6 @@
 """The features of a whole dataset (DVC stage `features`): every unique image of the split manifest through
-`FeatureExtractor`, in parallel worker processes, cached per image by content md5, with its progress in
-the terminal; one parquet table per feature set.
+`FeatureExtractor`, in parallel worker processes or on a Dask cluster, cached per image by content md5,
+with its progress in the terminal; one parquet table per feature set.
 
 Docs: https://catdog.github.io/catdog/extract.html.md"""
 
@@ -243,8 +243,10 @@ def _dask_task(plugin: str, task: tuple):
 class DaskExtractionPool:
     "`ExtractionPool` on a Dask cluster: each worker warms up its extractors once (`ExtractorSetup`); dead workers' tasks run elsewhere."
     def __init__(self, client, init_args: dict, retries: int = 3):
-        self.client, self.retries, self.ran_on = client, retries, Counter()  # worker name -> tasks it ran
-        self.plugin = extractor_plugin(init_args)
+        from catdog_nb import extract as package  # workers import the package, not this notebook
+        self.client, self.retries, self.task = client, retries, package._dask_task
+        self.ran_on = Counter()  # worker name -> tasks it ran
+        self.plugin = package.extractor_plugin(init_args)
         client.register_plugin(self.plugin)  # returns once every worker has warmed up its extractors
 
 @patch
@@ -257,7 +259,7 @@ def _finished(self: DaskExtractionPool, tasks):
     "`(index, result)` of each of `tasks` as it finishes, with at most `_window` of them submitted at a time."
     from distributed import as_completed
     tasks, token = list(tasks), uuid.uuid4().hex[:8]
-    submit = lambda i: self.client.submit(_dask_task, self.plugin.name, tasks[i], key=f"extract-features-{token}-{i}",
+    submit = lambda i: self.client.submit(self.task, self.plugin.name, tasks[i], key=f"extract-features-{token}-{i}",
                                           retries=self.retries)
     window, checked = self._window(), time.monotonic()
     running, queued = as_completed([submit(i) for i in range(min(window, len(tasks)))]), min(window, len(tasks))
