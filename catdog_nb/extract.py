@@ -348,7 +348,8 @@ def dask_cluster_main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0, help="worker processes, one thread each (0 = one per core)")
     p.add_argument("--port", type=int, default=8786); p.add_argument("--dashboard-port", type=int, default=8787)
     a = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the cluster too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where the shell started us ignoring it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))      # `kill` stops the cluster too
     try:
         with local_dask_cluster(a.workers, a.port, a.dashboard_port) as c:
             n = len(c.processes) - 1
