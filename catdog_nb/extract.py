@@ -218,7 +218,7 @@ class ExtractorSetup:
         for s, path in files.items():
             if not path.is_file():
                 tmp = path.with_name(f".{uuid.uuid4().hex}.tmp"); tmp.write_bytes(self.backbones[s]); tmp.rename(path)
-        args = {**self.init_args, "backbones": {s: str(p) for s, p in files.items()}}
+        args, self.backbones = {**self.init_args, "backbones": {s: str(p) for s, p in files.items()}}, None  # on disk now
         self.extractors = queue.SimpleQueue()  # the idle ones: a task takes one and puts it back
         for _ in range(threads): self.extractors.put(_warm_extractor(args))
 
@@ -331,15 +331,16 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError): return None
 
 def _stop(processes: list, grace: float = 15) -> None:
-    "SIGTERM, last started first (the workers leave the scheduler cleanly), then SIGKILL to what is left of each group."
-    for p in reversed(processes):
-        if p.poll() is None: p.terminate()
-    for p in reversed(processes):
-        try: p.wait(grace)
-        except subprocess.TimeoutExpired: pass
-        try: os.killpg(p.pid, signal.SIGKILL)  # a worker process its nanny left behind
-        except ProcessLookupError: pass
-        p.wait()
+    "SIGTERM to the workers, then, once they have left it, to the scheduler; SIGKILL to whatever is left of each group."
+    for group in (processes[1:], processes[:1]):
+        for p in group:
+            if p.poll() is None: p.terminate()
+        for p in group:
+            try: p.wait(grace)
+            except subprocess.TimeoutExpired: pass
+            try: os.killpg(p.pid, signal.SIGKILL)  # a worker process its nanny left behind
+            except ProcessLookupError: pass
+            p.wait()
 
 # %% ../nbs/06_extract.ipynb #f9d1f92a
 def dask_cluster_main(argv: list[str] | None = None) -> None:
