@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve bench-soak \
+.PHONY: pipeline test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
 	dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes.
@@ -38,12 +38,14 @@ pipeline: $(VENV)/.pipeline data/raw
 	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
-# tests/test_monitoring.py) and chromium (the page test). apt-get runs only when one is missing.
+# tests/test_monitoring.py), chromium (the page test) and postgresql (make tracking-server, tests/test_tracking_server.py;
+# its programs land in /usr/lib/postgresql/<version>/bin). apt-get runs only when one is missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 tools:
 	@missing=""; \
 	[ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing from Debian:$$missing"; \
 	  $(SUDO) apt-get update -q && \
@@ -88,6 +90,12 @@ MLFLOW_PORT ?= 5000
 mlflow-ui: $(VENV)/.pipeline
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db) --default-artifact-root $(CURDIR)/mlartifacts
+
+# A team's setup on this machine (catdog_nb.tracking.tracking_server): Debian's PostgreSQL (make tools) on a throwaway
+# data directory, `mlflow server` over it on 127.0.0.1:$(MLFLOW_PORT), artifacts proxied into a temporary folder. Prints
+# the MLFLOW_TRACKING_URI to export; Ctrl-C stops both servers and deletes the database.
+tracking-server: $(VENV)/.pipeline
+	$(BIN)/python -c "from catdog_nb.tracking import tracking_server_main; tracking_server_main()" --port $(MLFLOW_PORT)
 
 # The service (catdog serve, uvicorn) on the pipeline's bundle (params.yaml train.bundle_dir, or $CATDOG_MODEL_URI);
 # CATDOG_* variables set its limits (README).

@@ -21,7 +21,7 @@ Modules:
 - `catdog_nb.pyfunc`: The model bundle as an MLflow pyfunc model: what `mlflow.pyfunc.load_model` and `mlflow models serve` run, and how the `train` stage logs and registers it.
 - `catdog_nb.service`: The Litestar prediction service: `POST /predict` and `/predict/batch`, health and readiness, Prometheus metrics, problem+json errors and an upload page. Images come only in request bodies: the service fetches no URLs. Run it with `catdog serve` or `make serve`.
 - `catdog_nb.soak`: `make bench-soak`: a live `catdog serve` under thousands of mixed good and hostile requests at a steady concurrency, to show that it answers no 5xx, keeps its latency and gives its memory back.
-- `catdog_nb.tracking`: MLflow for the pipeline's stages: where runs go, the provenance every run carries, the executed notebook attached to its run, and the training run that registers a bundle.
+- `catdog_nb.tracking`: MLflow for the pipeline's stages: where runs go, the provenance every run carries, the executed notebook attached to its run, the training run that registers a bundle, and a tracking server on PostgreSQL to try a team's setup on one machine (`make tracking-server`).
 - `catdog_nb.train`: LightGBM on the feature tables (train split, early stopping on val), seeded and deterministic, written as the model bundle and logged to MLflow with its registration (DVC stage `train`)."""
 
 __version__ = "0.0.1"

@@ -91,6 +91,9 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # No memory pattern: it plans and keeps one buffer per input shape, and a service sees every batch size
+        # from 1 to max_batch (+210 MiB measured over sizes 1..16); the arena serves the same buffers as fast.
+        options.enable_mem_pattern = False
         options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only

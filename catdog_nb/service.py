@@ -8,7 +8,7 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/18_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, functools, os, typing
+import asyncio, ctypes, functools, os, typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 import anyio
@@ -36,9 +36,9 @@ from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .predict import Classifier, Prediction, default_engine, default_model_uri
 
 # %% auto #0
-__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'ServiceState', 'service_state', 'model_ready', 'read_by',
-           'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html',
-           'page', 'create_app', 'app_from_env']
+__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState', 'service_state',
+           'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health',
+           'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
 
 # %% ../nbs/18_service.ipynb #d65caa16
 @dataclass(frozen=True)
@@ -88,6 +88,15 @@ def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> 
             + settings.decode_threads * 6 * settings.max_pixels   # images being decoded
             + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model
     return base_mib + held / 2**20
+
+# %% ../nbs/18_service.ipynb #3dc913cd
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (<malloc.h>)
+
+def return_freed_memory(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    "glibc: buffers over `mmap_threshold` bytes go back to the OS when freed; threads share `arenas` arenas. False elsewhere."
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False  # not glibc (musl, macOS)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 # %% ../nbs/18_service.ipynb #982ba467
 class ServiceState:
@@ -299,6 +308,7 @@ async def page() -> str:
 def create_app(settings: Settings | None = None) -> Litestar:
     "The Litestar app serving the model of `settings` (default: `Settings.from_env()`)."
     settings = settings or Settings.from_env()
+    return_freed_memory()
     get_logger("catdog").setLevel(settings.log_level.upper())
     service = ServiceState(settings)
     app = Litestar(
