@@ -20,6 +20,7 @@ from litestar.params import KwargDefinition
 from litestar.plugins.problem_details import ProblemDetailsException
 from .core import get_logger
 from .data import ImageError, ImageTooLargeError
+from .features import ANIMAL_THRESHOLD
 
 # %% auto #0
 __all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Animal', 'IMAGE_BODY', 'BATCH_BODY', 'Problem', 'problem', 'overloaded',
@@ -127,8 +128,8 @@ async def image_bytes(request: Request) -> bytes:
 # %% ../nbs/17_api.ipynb #6554ef3b
 Animal = Annotated[float | None, KwargDefinition(ge=0, le=1, description=(
     "The backbone's probability, in [0, 1], that the photo shows a cat or a dog at all: its ImageNet softmax summed over "
-    "the dog classes 151-268 and the domestic-cat classes 281-285. Under 0.1 the photo does not look like a cat or a "
-    "dog and the label means little. null for a model without a backbone."))]
+    f"the dog classes 151-268 and the domestic-cat classes 281-285. Under {ANIMAL_THRESHOLD} the photo does not look like "
+    "a cat or a dog and the label means little. null for a model without a backbone."))]
 
 @dataclass
 class PredictResult:
