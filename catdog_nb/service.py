@@ -33,6 +33,7 @@ from .bundle import BundleError
 from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
 from .engine import available_cores, check_engine
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
+from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, Prediction, default_engine, default_model_uri
 
 # %% auto #0
@@ -145,7 +146,7 @@ async def load(self: ServiceState) -> None:
             s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, engine=s.engine, threads=_engine_threads(s.workers)))
         self.classifier = classifier
         self.decode_limiter = anyio.CapacityLimiter(s.decode_threads)
-        self.batcher = MicroBatcher(lambda images: classifier.predict_images(images, batch_size=len(images)),
+        self.batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
                                     s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
         warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
         await self.batcher.submit([warm_up])
@@ -161,8 +162,7 @@ async def load(self: ServiceState) -> None:
 
 # %% ../nbs/18_service.ipynb #868b8a93
 @patch
-def observe(self: ServiceState, row: np.ndarray) -> Prediction:
-    prediction = Prediction.from_row(self.classifier.classes, row)
+def observe(self: ServiceState, prediction: Prediction) -> Prediction:
     self.metrics.observe_prediction(prediction)
     return prediction
 
@@ -231,9 +231,10 @@ async def predict(request: Request, service: ServiceState) -> PredictResult:
         data = await read_by(deadline, image_bytes(request))
         reserve(arrival, 1)
         image = await service.decode(data, deadline)
-        ((row, seconds),) = await model_rows(request, arrival, [image], deadline)
-    prediction = service.observe(row)
-    return PredictResult(prediction.label, prediction.probability, service.classifier.version, round(seconds * 1000, 3))
+        ((prediction, seconds),) = await model_rows(request, arrival, [image], deadline)
+    service.observe(prediction)
+    return PredictResult(prediction.label, prediction.probability, prediction.animal, service.classifier.version,
+                         round(seconds * 1000, 3))
 
 # %% ../nbs/18_service.ipynb #86850618
 async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
@@ -257,9 +258,9 @@ def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> Batch
     if isinstance(decoded, ImageError):
         e = image_problem(decoded)
         return BatchItem(part.filename, error=Problem(e.status_code, e.title, e.detail, decoded.reason))
-    row, seconds = next(rows)
-    prediction = service.observe(row)
-    return BatchItem(part.filename, prediction.label, prediction.probability, round(seconds * 1000, 3))
+    prediction, seconds = next(rows)
+    service.observe(prediction)
+    return BatchItem(part.filename, prediction.label, prediction.probability, prediction.animal, round(seconds * 1000, 3))
 
 # %% ../nbs/18_service.ipynb #e8c4612d
 @post("/predict/batch", operation_class=with_body(BATCH_BODY), status_code=200, summary="Classify several images",
@@ -297,8 +298,9 @@ async def metrics(service: ServiceState) -> Response[bytes]:
 # %% ../nbs/18_service.ipynb #340e01d2
 @functools.cache
 def page_html() -> str:
-    "The upload page, read once from the package."
-    return (resources.files("catdog_nb") / "static" / "index.html").read_text(encoding="utf-8")
+    "The upload page, read once from the package, with the threshold under which it says the photo is no cat or dog."
+    page = (resources.files("catdog_nb") / "static" / "index.html").read_text(encoding="utf-8")
+    return page.replace("ANIMAL_THRESHOLD", repr(ANIMAL_THRESHOLD))
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def page() -> str:
