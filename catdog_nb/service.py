@@ -149,7 +149,8 @@ async def load(self: ServiceState) -> None:
         self.batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
                                     s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
         warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
-        await self.batcher.submit([warm_up])
+        # A full batch: the engine's buffers reach their largest size now, not under the first burst of traffic
+        await self.batcher.submit([warm_up] * min(s.max_batch, s.max_queue))
         self.metrics.model_info.labels(classifier.version).set(1)
         self.ready = True
         _log.info("ready: model %s version %s, engine %s", classifier.name, classifier.version, s.engine)
