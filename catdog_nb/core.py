@@ -55,7 +55,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
 
-# %% ../nbs/00_core.ipynb #7a64b21e
+# %% ../nbs/00_core.ipynb #734c7153
 def dask_client(address: str | None = None):
     "A `distributed.Client` on `address`, else on `$DASK_SCHEDULER_ADDRESS`; None (run locally) when neither is set."
     import dask  # the pipeline set only: the service never imports this
