@@ -126,8 +126,9 @@ def engine_client(engine: str, address: str | None = None, timeout: float = 60):
                            "(`make dask-cluster` starts one on this machine), or train.engine: local")
     try: client.wait_for_workers(1, timeout=timeout)
     except TimeoutError as e:
+        address = client.scheduler.address
         client.close()
-        raise ClusterError(f"the Dask scheduler at {client.scheduler.address} has no worker after {timeout:.0f} s") from e
+        raise ClusterError(f"the Dask scheduler at {address} has no worker after {timeout:.0f} s") from e
     return client
 
 # %% ../nbs/12_train.ipynb #9cc38a96
@@ -174,11 +175,12 @@ NETWORK_PARAMS = re.compile(r"^\[(machines|local_listen_port): .*\]\n", re.M)  #
 def train_on_cluster(client, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, cfg: dict,
                      seed: int, feature_names: list[str] | None = None, progress: str | None = None) -> tuple[lgb.Booster, dict]:
     "`train_booster` on the Dask cluster of `client`: blocks of `early_stopping_rounds` rounds until `early_stop` says stop."
-    import warnings
+    import contextlib, io, warnings
     from dask import delayed
     from lightgbm.dask import DaskLGBMClassifier
     params = {k: v for k, v in lgb_params(cfg, seed).items() if k != "num_threads"}  # each worker uses its own threads
-    X, y = scatter_rows(client, X_train, y_train)
+    order = np.random.default_rng(seed).permutation(len(y_train))  # each worker a sample of all rows, both classes
+    X, y = scatter_rows(client, X_train[order], y_train[order])
     X_v, y_v = scatter_rows(client, X_val, y_val)  # kept: the blocks live on the workers while these arrays do
     val_blocks = list(zip(X_v.to_delayed().ravel(), y_v.to_delayed().ravel()))
     total, patience, booster, trained = cfg["num_boost_round"], cfg["early_stopping_rounds"], None, 0
@@ -187,7 +189,8 @@ def train_on_cluster(client, X_train: np.ndarray, y_train: np.ndarray, X_val: np
         while True:
             rounds = min(patience, total - trained)
             model = DaskLGBMClassifier(client=client, n_estimators=rounds, **{**params, "seed": seed + trained})
-            with warnings.catch_warnings():  # that the workers' threads replace n_jobs, as asked above
+            # quiet: lightgbm.dask warns that the workers' threads replace n_jobs (as asked above), prints each fit's ports
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored")
                 booster = model.fit(X, y, feature_name=feature_names or "auto", init_model=booster).booster_
             shared = client.scatter(booster, broadcast=True, hash=False)
