@@ -10,6 +10,7 @@ worker does what changes from run to run (lightgbm.dask numbers the workers in n
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,6 @@ from catdog_nb.metrics import classification_metrics
 from catdog_nb.predict import Classifier
 from catdog_nb.train import ClusterError, engine_client, load_dataset, predict_proba, scatter_rows, split_xy, train_booster
 from clusters import dask_cluster
-from servers import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE_SET = "lite0"
@@ -141,9 +141,9 @@ def test_cluster_training_stops_early_on_the_whole_val_split(cluster, tables):
 
 
 def test_a_cluster_without_workers_is_a_clear_error(tmp_path):
-    "Its workers gone (here the only one, stopped), a cluster gets a clear error from the stage, not an endless wait."
+    "Its workers gone (here the only one, killed as a lost machine would be), the stage gets a clear error, not an endless wait."
     with dask_cluster(tmp_path, workers=1) as cluster:
-        stop(cluster.workers[0])
+        os.killpg(cluster.workers[0].pid, signal.SIGKILL)  # its own session: the worker process and its nanny
         with Client(cluster.address) as client:
             deadline = time.monotonic() + 60
             while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.workers)) and time.monotonic() < deadline:
