@@ -11,7 +11,8 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test tools lab serve mlflow-ui lock export clean-nbs readme bench-features bench-serve bench-soak
+.PHONY: pipeline test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
+	dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes.
 $(BIN)/uv:
@@ -38,12 +39,14 @@ pipeline: $(VENV)/.pipeline data/raw
 	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
-# tests/test_monitoring.py) and chromium (the page test). apt-get runs only when one is missing.
+# tests/test_monitoring.py), chromium (the page test) and postgresql (make tracking-server, tests/test_tracking_server.py;
+# its programs land in /usr/lib/postgresql/<version>/bin). apt-get runs only when one is missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 tools:
 	@missing=""; \
 	[ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing from Debian:$$missing"; \
 	  $(SUDO) apt-get update -q && \
@@ -90,6 +93,12 @@ mlflow-ui: $(VENV)/.pipeline
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db) --default-artifact-root $(CURDIR)/mlartifacts
 
+# A team's setup on this machine (catdog_nb.tracking.tracking_server): Debian's PostgreSQL (make tools) on a throwaway
+# data directory, `mlflow server` over it on 127.0.0.1:$(MLFLOW_PORT), artifacts proxied into a temporary folder. Prints
+# the MLFLOW_TRACKING_URI to export; Ctrl-C stops both servers and deletes the database.
+tracking-server: $(VENV)/.pipeline
+	$(BIN)/python -c "from catdog_nb.tracking import tracking_server_main; tracking_server_main()" --port $(MLFLOW_PORT)
+
 # The service (catdog serve, uvicorn) on the pipeline's bundle (params.yaml train.bundle_dir, or $CATDOG_MODEL_URI);
 # CATDOG_* variables set its limits (README).
 SERVE_HOST ?= 127.0.0.1
@@ -98,12 +107,24 @@ SERVE_WORKERS ?= 1
 serve: $(VENV)/.pipeline
 	$(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
 
+# A Dask cluster on this machine (catdog_nb.extract.dask_cluster_main): `dask scheduler` and one `dask worker` per
+# core, one thread each, on 127.0.0.1 (8786, dashboard 8787), until Ctrl-C; it prints how to run the pipeline on it.
+# Options: make dask-cluster DASK_ARGS="--workers 2 --port 8786 --dashboard-port 8787"
+dask-cluster: $(VENV)/.pipeline
+	$(BIN)/python -c "from catdog_nb.extract import dask_cluster_main; dask_cluster_main()" $(DASK_ARGS)
+
 # Benchmarks (catdog_nb.bench); run them on a quiet machine: they print the load average.
 # Feature extraction: images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
 # Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
 bench-features: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" features $(BENCH_ARGS)
+
+# Extraction in the stage's local processes and on a local Dask cluster of as many one-thread workers, same photos:
+# images/s, parallel efficiency, Dask / local. Options: make bench-dask BENCH_ARGS="--n 960 --sets lite0 --workers 2"
+bench-dask: $(VENV)/.pipeline data/raw
+	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
+	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" dask $(BENCH_ARGS)
 
 # The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
 bench-serve: $(VENV)/.pipeline data/raw

@@ -9,20 +9,23 @@ Docs: https://catdog.github.io/catdog/api.html.md"""
 from __future__ import annotations
 import base64, binascii, copy, json
 from dataclasses import dataclass
+from typing import Annotated
 from http import HTTPStatus
 from litestar import Request, Response
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.params import KwargDefinition
 from litestar.plugins.problem_details import ProblemDetailsException
 from .core import get_logger
 from .data import ImageError, ImageTooLargeError
+from .features import ANIMAL_THRESHOLD
 
 # %% auto #0
-__all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'IMAGE_BODY', 'BATCH_BODY', 'Problem', 'problem', 'overloaded', 'image_problem',
-           'ClientGone', 'image_from_json', 'media_type_of', 'read_form', 'read_part', 'image_bytes', 'PredictResult',
-           'BatchItem', 'BatchResult', 'Health', 'Readiness', 'with_body', 'problem_responses']
+__all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Animal', 'IMAGE_BODY', 'BATCH_BODY', 'Problem', 'problem', 'overloaded',
+           'image_problem', 'ClientGone', 'image_from_json', 'media_type_of', 'read_form', 'read_part', 'image_bytes',
+           'PredictResult', 'BatchItem', 'BatchResult', 'Health', 'Readiness', 'with_body', 'problem_responses']
 
 # %% ../nbs/17_api.ipynb #08bbf370
 PROBLEM_JSON = "application/problem+json"
@@ -123,10 +126,16 @@ async def image_bytes(request: Request) -> bytes:
                   "unsupported_media_type")
 
 # %% ../nbs/17_api.ipynb #6554ef3b
+Animal = Annotated[float | None, KwargDefinition(ge=0, le=1, description=(
+    "The backbone's probability, in [0, 1], that the photo shows a cat or a dog at all: its ImageNet softmax summed over "
+    f"the dog classes 151-268 and the domestic-cat classes 281-285. Under {ANIMAL_THRESHOLD} the photo does not look like "
+    "a cat or a dog and the label means little. null for a model without a backbone."))]
+
 @dataclass
 class PredictResult:
     label: str
     probability: dict[str, float]
+    animal: Animal
     model_version: str
     inference_ms: float  # model time of the micro-batch this image was part of
 
@@ -135,6 +144,7 @@ class BatchItem:
     filename: str | None
     label: str | None = None
     probability: dict[str, float] | None = None
+    animal: Animal = None
     inference_ms: float | None = None
     error: Problem | None = None
 

@@ -1,4 +1,4 @@
-"""The drivers of `make bench-features` and `make bench-serve`, and of the engine and per-image profiles
+"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve`, and of the engine and per-image profiles
 behind them: each prints its figures as Markdown tables with the load average, both engines side by side
 in one run. Figures come from these runs on a quiet machine, never from timed tests.
 
@@ -16,14 +16,14 @@ import numpy as np
 from .backbone import BACKBONE_INPUT_SIZES, backbone_path, convert_backbone
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
-from .extract import ExtractionPool, default_workers
+from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
 from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
 __all__ = ['PROFILE_STEPS', 'load_average', 'engine_list', 'engine_speed', 'bench_engines', 'profile_path', 'bench_features',
-           'print_features', 'in_process_throughput', 'drive_service', 'bench_client', 'serve_once', 'bench_serve',
-           'print_serve', 'print_engines', 'print_profile', 'bench_main']
+           'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service', 'bench_client',
+           'serve_once', 'bench_serve', 'print_serve', 'print_engines', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average() -> str:
@@ -80,9 +80,15 @@ def _bench_sample(raw_dir: Path, n: int, root: Path) -> list[dict]:
     return [{"path": p.relative_to(root).as_posix(), "md5": hashlib.md5(p.read_bytes()).hexdigest()}
             for p in sample_photos(n // 2, raw_dir=raw_dir)]  # two classes
 
-def _pool_rate(init_args: dict, tasks: list, workers: int, n_images: int) -> float:
-    "Images per second of an `ExtractionPool` of `workers` processes on `tasks` (start-up excluded)."
-    with ExtractionPool(init_args, workers) as pool:
+def _bench_tasks(rows: list[dict], extractor: FeatureExtractor, root: Path) -> list[tuple]:
+    "The stage's tasks for `rows`: `batch_size` images each, every set of `extractor`."
+    b = extractor.batch_size
+    return [([r["md5"] for r in rows[i:i + b]], [root / r["path"] for r in rows[i:i + b]], extractor.sets)
+            for i in range(0, len(rows), b)]
+
+def _rate(pool, tasks: list, n_images: int) -> float:
+    "Images per second of a started and warmed-up `pool` (`ExtractionPool` or `DaskExtractionPool`) on `tasks`."
+    with pool:
         start = time.perf_counter()
         out = pool.map(tasks)
         rate = n_images / (time.perf_counter() - start)
@@ -103,11 +109,9 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
             overrides = {"batch_size": batch_size} if batch_size else {}
             if engine: overrides["engine"] = engine
             extractor = FeatureExtractor.from_params(params, sets=variant, root=root, **overrides)
-            b = extractor.batch_size
-            tasks = [([r["md5"] for r in rows[i:i + b]], [root / r["path"] for r in rows[i:i + b]], variant)
-                     for i in range(0, len(rows), b)]
-            rates = {w: _pool_rate(extractor.init_args, tasks, w, len(rows)) for w in sorted({1, workers})}
-            results.append({"sets": "+".join(variant), "engine": engine or "-", "batch_size": b, "images": len(rows),
+            tasks = _bench_tasks(rows, extractor, root)
+            rates = {w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows)) for w in sorted({1, workers})}
+            results.append({"sets": "+".join(variant), "engine": engine or "-", "batch_size": extractor.batch_size, "images": len(rows),
                             "img_s_1_process": rates[1], "workers": workers, "img_s_all": rates[workers],
                             "parallel_efficiency": rates[workers] / (workers * rates[1])})
     return results
@@ -126,6 +130,40 @@ def print_features(results: list[dict], load_before: str) -> None:
     for r in results:
         print(f"| {r['sets']} | {r['engine']} | {r['batch_size']} | {r['img_s_1_process']:.1f} | {r['img_s_all']:.1f} "
               f"({r['workers']} processes) | {_speedup(results, r, 'img_s_all', ('sets',))} | {r['parallel_efficiency']:.2f} |")
+
+# %% ../nbs/19_bench.ipynb #72facb50
+def _dask_rate(init_args: dict, tasks: list, workers: int, n_images: int) -> float:
+    "`_rate` of a `DaskExtractionPool` on a fresh `local_dask_cluster` of `workers` (start-up excluded)."
+    from distributed import Client
+    with local_dask_cluster(workers) as cluster, Client(cluster.address) as client:
+        return _rate(DaskExtractionPool(client, init_args), tasks, n_images)
+
+def bench_dask(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None, params: dict | None = None,
+               root: Path | str | None = None) -> list[dict]:
+    "Images/s of `sets` (default: the served ones) in local processes and on a local Dask cluster: one worker and `workers`."
+    root, params = Path(root or project_root()), params or load_params()
+    rows, workers = _bench_sample(root / params["data"]["raw_dir"], n, root), workers or default_workers()
+    extractor = FeatureExtractor.from_params(params, sets=check_sets(sets or params["train"]["feature_sets"]), root=root,
+                                             **({"batch_size": batch_size} if batch_size else {}))
+    tasks, results = _bench_tasks(rows, extractor, root), []
+    for path, rate in (("local processes", lambda w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows))),
+                       ("Dask cluster", lambda w: _dask_rate(extractor.init_args, tasks, w, len(rows)))):
+        rates = {w: rate(w) for w in sorted({1, workers})}
+        results.append({"path": path, "sets": "+".join(extractor.sets), "engine": extractor.engine, "images": len(rows),
+                        "batch_size": extractor.batch_size, "workers": workers, "img_s_1": rates[1], "img_s_all": rates[workers],
+                        "parallel_efficiency": rates[workers] / (workers * rates[1])})
+    return results
+
+# %% ../nbs/19_bench.ipynb #bc37c029
+def print_dask(results: list[dict], load_before: str) -> None:
+    "The table of `bench_dask`, with each path's throughput over the local processes'."
+    r0 = results[0]
+    print(f"extraction of {r0['sets']} ({r0['engine']}, tasks of {r0['batch_size']}) incl. JPEG decode, {r0['images']} photos; "
+          f"before: {load_before}; after: {load_average()}")
+    print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
 # %% ../nbs/19_bench.ipynb #d78a6f81
 def in_process_throughput(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2,
@@ -314,16 +352,18 @@ def _engines_command(a, params: dict, root: Path) -> None:
 
 # %% ../nbs/19_bench.ipynb #c868727e
 def bench_main(argv: list[str] | None = None) -> None:
-    "`features | serve | engines | profile` and their options: prints Markdown tables with the load average."
+    "`features | dask | serve | engines | profile` and their options: prints Markdown tables with the load average."
     p = argparse.ArgumentParser(prog="catdog_nb.bench", description="Benchmarks; both engines side by side unless --engines says otherwise.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--engines", default=None, help=f"comma-separated, from {','.join(ENGINES)} (default: all)")
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("features", parents=[common], help="feature extraction incl. JPEG decode, 1 process and all cores")
-    f.add_argument("--n", type=int, default=480, help="photos in the sample")
-    f.add_argument("--sets", default=None, help="comma-separated sets (default: params.yaml train.feature_sets)")
-    f.add_argument("--workers", type=int, default=0, help="processes for the all-cores run (0 = all cores)")
-    f.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
+    sample = argparse.ArgumentParser(add_help=False)
+    sample.add_argument("--n", type=int, default=480, help="photos in the sample")
+    sample.add_argument("--sets", default=None, help="comma-separated sets (default: params.yaml train.feature_sets)")
+    sample.add_argument("--workers", type=int, default=0, help="processes or Dask workers for the all-cores run (0 = one per core)")
+    sample.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
+    sub.add_parser("features", parents=[common, sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
+    sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
     s = sub.add_parser("serve", parents=[common], help="in-process and service throughput, latency and memory of a bundle")
     s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: the served bundle)")
     s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
@@ -340,6 +380,7 @@ def bench_main(argv: list[str] | None = None) -> None:
     params, root, load_before = load_params(), project_root(), load_average()
     if a.command == "features":
         print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, engine_list(a.engines), params, root), load_before)
+    elif a.command == "dask": print_dask(bench_dask(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "serve":
         results = bench_serve(a.model, engine_list(a.engines), a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
         print_serve(results, load_before, root / ".venv-serve")

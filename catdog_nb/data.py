@@ -20,8 +20,8 @@ import numpy as np
 __all__ = ['MAX_SIDE', 'MAX_JPEG_SCANS', 'DECODE_TARGET_SIDE', 'DECODED_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS',
            'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError', 'UnsupportedImageError', 'CorruptImageError',
            'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image', 'max_file_bytes',
-           'read_image_file', 'read_image', 'ImageRecord', 'scan_dataset', 'sample_photos', 'assign_splits',
-           'duplicate_report', 'write_manifest', 'read_manifest']
+           'read_image_file', 'read_image', 'is_url', 'read_image_bytes', 'ImageRecord', 'scan_dataset',
+           'sample_photos', 'assign_splits', 'duplicate_report', 'write_manifest', 'read_manifest']
 
 # %% ../nbs/01_data.ipynb #0b7a1323
 class ImageError(ValueError):
@@ -230,6 +230,25 @@ def read_image_file(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> b
 def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     "`decode_image` of an image file."
     return decode_image(read_image_file(path, max_pixels), max_pixels)
+
+# %% ../nbs/01_data.ipynb #75262868
+def is_url(location: Path | str) -> bool:
+    "Whether `location` is a URL for fsspec (`s3://bucket/cat.1.jpg`, `file:///data/cat.1.jpg`) rather than a local path."
+    return "://" in str(location)
+
+def read_image_bytes(location: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    "The bytes of an image by local path (`read_image_file`) or by fsspec URL, held to the same size limit."
+    if not is_url(location): return read_image_file(location, max_pixels)
+    import fsspec  # the pipeline set; the service reads request bodies only
+    fs, path = fsspec.core.url_to_fs(str(location))
+    if "file" in fs.protocol or "local" in fs.protocol: return read_image_file(path, max_pixels)
+    limit = max_file_bytes(max_pixels)
+    too_large = lambda size: ImageTooLargeError(f"a file of {size:,} bytes is over the limit of {limit:,}")
+    with fs.open(path, "rb") as f:
+        if (getattr(f, "size", None) or 0) > limit: raise too_large(f.size)  # stated by the store: nothing read
+        data = f.read(limit + 1)
+    if len(data) > limit: raise too_large(len(data))
+    return data
 
 # %% ../nbs/01_data.ipynb #146c095f
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

@@ -17,7 +17,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'normalise_into',
-           'imagenet_batch', 'Engine', 'OnnxRuntimeEngine', 'OpenCVEngine', 'check_engine', 'load_engine']
+           'imagenet_batch', 'Engine', 'share_exact_arena', 'OnnxRuntimeEngine', 'OpenCVEngine', 'check_engine',
+           'load_engine']
 
 # %% ../nbs/03_engine.ipynb #4ad7f3fe
 def available_cores() -> int:
@@ -81,6 +82,19 @@ class Engine:
 
     def __repr__(self) -> str: return f"{type(self).__name__}({self.path.name}, threads={self.threads})"
 
+# %% ../nbs/03_engine.ipynb #2ea017de
+_arena_lock, _arena_shared = threading.Lock(), False
+
+def share_exact_arena(ort) -> None:
+    "Register, once per process, a CPU arena for onnxruntime sessions that grows by what is asked (kSameAsRequested)."
+    global _arena_shared
+    with _arena_lock:
+        if _arena_shared: return
+        # OrtArenaCfg(max_mem: 0 = no cap, arena_extend_strategy: 1 = kSameAsRequested, initial chunk, max dead bytes: -1 = default)
+        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))
+        _arena_shared = True
+
 # %% ../nbs/03_engine.ipynb #bcda2215
 class OnnxRuntimeEngine(Engine):
     "The model in an `onnxruntime.InferenceSession` on the CPU, `threads` intra-op threads."
@@ -88,9 +102,12 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, path: Path | str, threads: int | None = None):
         import onnxruntime as ort  # imported here: the opencv engine works without it
         super().__init__(path, threads)
+        share_exact_arena(ort)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_mem_pattern = False  # see `share_exact_arena`
+        options.add_session_config_entry("session.use_env_allocators", "1")
         options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only

@@ -1,6 +1,6 @@
 """The features of a whole dataset (DVC stage `features`): every unique image of the split manifest through
-`FeatureExtractor`, in parallel worker processes, cached per image by content md5, with its progress in
-the terminal; one parquet table per feature set.
+`FeatureExtractor`, in parallel worker processes or on a Dask cluster, cached per image by content md5,
+with its progress in the terminal; one parquet table per feature set.
 
 Docs: https://catdog.github.io/catdog/extract.html.md"""
 
@@ -8,19 +8,23 @@ Docs: https://catdog.github.io/catdog/extract.html.md"""
 
 # %% ../nbs/06_extract.ipynb #48f82591
 from __future__ import annotations
-import gc, hashlib, multiprocessing, os, threading, time, uuid
+import argparse, asyncio, gc, hashlib, json, multiprocessing, os, queue, signal, subprocess, sys, tempfile, threading, time, uuid
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import Progress, get_logger, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .data import ImageError, decode_image
+from .data import ImageError, decode_image, is_url, read_image_bytes
 from .engine import available_cores
 from .features import FeatureExtractor
 
 # %% auto #0
-__all__ = ['FeatureCache', 'default_workers', 'ExtractionPool', 'ExtractionResult', 'extract_features', 'write_tables']
+__all__ = ['FeatureCache', 'default_workers', 'ExtractionPool', 'ExtractionResult', 'extract_features', 'write_tables',
+           'ExtractorSetup', 'extractor_plugin', 'DaskExtractionPool', 'LocalDaskCluster', 'local_dask_cluster',
+           'dask_cluster_main']
 
 # %% ../nbs/06_extract.ipynb #e2a6a3de
 class FeatureCache:
@@ -59,27 +63,32 @@ def load(self: FeatureCache) -> dict[str, np.ndarray]:
 # %% ../nbs/06_extract.ipynb #fa1df529
 _worker_extractor: FeatureExtractor | None = None
 
+def _warm_extractor(init_args: dict) -> FeatureExtractor:
+    "An extractor for one worker thread: one OpenCV thread, a one-thread engine, its first forward pass done."
+    cv2.setNumThreads(1)  # one thread per core: more threads of OpenCV or the engine would only compete with the other workers
+    extractor = FeatureExtractor(**{**init_args, "threads": 1})
+    extractor.transform_sets([np.zeros((64, 64, 3), np.uint8)])  # first forward pass allocates
+    return extractor
+
 def _init_worker(init_args: dict, ready) -> None:
     global _worker_extractor
-    cv2.setNumThreads(1)  # one process per core: more threads of OpenCV or the engine would only compete with the other workers
-    _worker_extractor = FeatureExtractor(**{**init_args, "threads": 1})
-    _worker_extractor.transform_sets([np.zeros((64, 64, 3), np.uint8)])  # first forward pass allocates
+    _worker_extractor = _warm_extractor(init_args)
     ready.wait()
 
-def _extract_task(task: tuple) -> tuple[list[str], dict[str, np.ndarray], list[tuple[str, str]]]:
-    "(md5s, paths, sets) -> (md5s extracted, {set: rows}, [(path, reason) failed])."
+def _extract_task(task: tuple, extractor: FeatureExtractor | None = None) -> tuple[list[str], dict[str, np.ndarray], list[tuple[str, str]]]:
+    "(md5s, paths, sets) -> (md5s extracted, {set: rows}, [(path, reason) failed]), by `extractor` (default: this worker's)."
     md5s, paths, sets = task
     done, images, failed = [], [], []
     for md5, path in zip(md5s, paths):
         try:
-            data = Path(path).read_bytes()
+            data = read_image_bytes(path)
             if hashlib.md5(data).hexdigest() != md5:
                 failed.append((str(path), "md5_mismatch: the file changed since the manifest was written; re-run `dvc repro split`"))
                 continue
             images.append(decode_image(data)); done.append(md5)
         except (ImageError, OSError) as e:
             failed.append((str(path), f"{getattr(e, 'reason', type(e).__name__)}: {e}"))
-    return done, _worker_extractor.transform_sets(images, sets), failed
+    return done, (extractor or _worker_extractor).transform_sets(images, sets), failed
 
 # %% ../nbs/06_extract.ipynb #00eba7a7
 def default_workers() -> int:
@@ -125,6 +134,7 @@ class ExtractionResult:
     cached: dict            # set -> images taken from the cache
     failed: list = field(default_factory=list)   # (path, reason)
     seconds: float = 0.0
+    ran_on: dict = field(default_factory=dict)   # Dask worker -> tasks it ran (empty for local processes)
 
 def _tasks(path_of: dict, known: dict, sets: tuple, batch_size: int) -> list[tuple]:
     "Tasks `(md5s, paths, sets missing)` for the images some set lacks, grouped by the sets they lack."
@@ -136,7 +146,7 @@ def _tasks(path_of: dict, known: dict, sets: tuple, batch_size: int) -> list[tup
             for chunk in (md5s[i:i + batch_size] for i in range(0, len(md5s), batch_size))]
 
 # %% ../nbs/06_extract.ipynb #52cd5f70
-def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: dict, workers: int, progress: bool):
+def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: dict, workers: int, progress: bool, client=None):
     "Run `tasks` on a pool, adding each result to `known` and, every 2,048 rows and at the end, to the caches."
     computed, failed = {s: 0 for s in extractor.sets}, []
     pending = {s: ([], []) for s in extractor.sets}
@@ -146,7 +156,8 @@ def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: di
         pending[s] = ([], [])
     bar = Progress(sum(len(t[0]) for t in tasks), "features") if progress and tasks else None
     try:
-        with ExtractionPool(extractor.init_args, workers) as pool:
+        pool = DaskExtractionPool(client, extractor.init_args) if client else ExtractionPool(extractor.init_args, workers)
+        with pool:
             for done, parts, bad in pool.imap_unordered(tasks):
                 failed += bad
                 for s, X in parts.items():
@@ -157,24 +168,25 @@ def _run_tasks(tasks: list, extractor: FeatureExtractor, caches: dict, known: di
     finally:
         if bar: bar.close()
     for s in extractor.sets: flush(s)
-    return computed, failed
+    return computed, failed, dict(getattr(pool, "ran_on", {}))
 
 # %% ../nbs/06_extract.ipynb #33dbd1d2
 def extract_features(rows: list[dict], extractor: FeatureExtractor, cache_dir: Path | str | None, workers: int = 0,
-                     root: Path | str | None = None, progress: bool = True) -> ExtractionResult:
-    "Feature tables of the manifest `rows` (path, md5) for `extractor`'s sets; new images only, in parallel."
+                     root: Path | str | None = None, progress: bool = True, client=None) -> ExtractionResult:
+    "Feature tables of the manifest `rows` (path, md5) for `extractor`'s sets; new images only, in parallel (on `client`'s cluster if given)."
     t0, root = time.perf_counter(), Path(root or project_root())
     path_of = {}
-    for r in rows: path_of.setdefault(r["md5"], root / r["path"])  # duplicates: one row per content
+    for r in rows: path_of.setdefault(r["md5"], r["path"] if is_url(r["path"]) else root / r["path"])  # duplicates: one row per content
     cache_dir = root / cache_dir if cache_dir else None  # relative to the project root
     caches = {s: FeatureCache(cache_dir, s, extractor.fingerprint(s)) if cache_dir else None for s in extractor.sets}
     known = {s: (c.load() if c else {}) for s, c in caches.items()}
     tasks = _tasks(path_of, known, extractor.sets, extractor.batch_size)
-    computed, failed = _run_tasks(tasks, extractor, caches, known, workers, progress) if tasks else ({s: 0 for s in extractor.sets}, [])
+    computed, failed, ran_on = (_run_tasks(tasks, extractor, caches, known, workers, progress, client) if tasks
+                                else ({s: 0 for s in extractor.sets}, [], {}))
     for path, reason in failed: get_logger(__name__).warning("skipped %s: %s", path, reason)
     tables = {s: _table(s, [m for m in path_of if m in known[s]], known[s], extractor.dims[s]) for s in extractor.sets}
     cached = {s: len(tables[s]) - computed[s] for s in extractor.sets}
-    return ExtractionResult(tables, computed, cached, failed, time.perf_counter() - t0)
+    return ExtractionResult(tables, computed, cached, failed, time.perf_counter() - t0, ran_on)
 
 def _table(set_name: str, md5s: list[str], rows: dict, dim: int):
     "A set's table: `md5`, then `<set>_<i>` float32 columns."
@@ -190,3 +202,165 @@ def write_tables(result: ExtractionResult, out_dir: Path | str) -> list[Path]:
     for s, table in result.tables.items():
         paths.append(out_dir / f"{s}.parquet"); table.to_parquet(paths[-1], index=False)
     return paths
+
+# %% ../nbs/06_extract.ipynb #a922460b
+class ExtractorSetup:
+    "What every Dask worker does with `init_args`: write the backbones it was sent, warm up one extractor per worker thread."
+    def __init__(self, init_args: dict):
+        self.init_args, self.name = init_args, f"catdog-extractor-{uuid.uuid4().hex[:8]}"
+        self.backbones = {s: Path(p).read_bytes() for s, p in init_args["backbones"].items()}
+
+    async def setup(self, worker) -> None:  # in a thread: the worker's event loop keeps answering the scheduler
+        await asyncio.to_thread(self._setup, Path(worker.local_directory), worker.state.nthreads)
+
+    def _setup(self, folder: Path, threads: int) -> None:
+        files = {s: folder / f"{s}-{hashlib.md5(data).hexdigest()}.onnx" for s, data in self.backbones.items()}
+        for s, path in files.items():
+            if not path.is_file():
+                tmp = path.with_name(f".{uuid.uuid4().hex}.tmp"); tmp.write_bytes(self.backbones[s]); tmp.rename(path)
+        args, self.backbones = {**self.init_args, "backbones": {s: str(p) for s, p in files.items()}}, None  # on disk now
+        self.extractors = queue.SimpleQueue()  # the idle ones: a task takes one and puts it back
+        for _ in range(threads): self.extractors.put(_warm_extractor(args))
+
+    def teardown(self, worker) -> None: self.extractors = None
+
+def extractor_plugin(init_args: dict):
+    "An `ExtractorSetup` that is a Dask `WorkerPlugin` (the class is made here: importing `distributed` costs seconds that the local processes need not pay)."
+    from distributed.diagnostics.plugin import WorkerPlugin
+    return type("ExtractorPlugin", (ExtractorSetup, WorkerPlugin), {})(init_args)
+
+# %% ../nbs/06_extract.ipynb #f57881ad
+def _dask_task(plugin: str, task: tuple):
+    "`_extract_task` on a Dask worker with one of its idle extractors; returns the result and the worker's name."
+    from distributed import get_worker
+    worker = get_worker()
+    extractors = worker.plugins[plugin].extractors
+    extractor = extractors.get()
+    try: return _extract_task(task, extractor), str(worker.name)
+    finally: extractors.put(extractor)
+
+# %% ../nbs/06_extract.ipynb #c31c173c
+class DaskExtractionPool:
+    "`ExtractionPool` on a Dask cluster: each worker warms up its extractors once (`ExtractorSetup`); dead workers' tasks run elsewhere."
+    def __init__(self, client, init_args: dict, retries: int = 3):
+        from catdog_nb import extract as package  # workers import the package, not this notebook
+        self.client, self.retries, self.task = client, retries, package._dask_task
+        self.ran_on = Counter()  # worker name -> tasks it ran
+        self.plugin = package.extractor_plugin(init_args)
+        client.register_plugin(self.plugin)  # returns once every worker has warmed up its extractors
+
+@patch
+def _window(self: DaskExtractionPool) -> int:
+    "How many tasks to keep submitted: four per worker thread of the cluster as it is now."
+    return 4 * max(sum(self.client.nthreads().values()), 1)
+
+@patch
+def _finished(self: DaskExtractionPool, tasks):
+    "`(index, result)` of each of `tasks` as it finishes, with at most `_window` of them submitted at a time."
+    from distributed import as_completed
+    tasks, token = list(tasks), uuid.uuid4().hex[:8]
+    submit = lambda i: self.client.submit(self.task, self.plugin.name, tasks[i], key=f"extract-features-{token}-{i}",
+                                          retries=self.retries)
+    window, checked = self._window(), time.monotonic()
+    running, queued = as_completed([submit(i) for i in range(min(window, len(tasks)))]), min(window, len(tasks))
+    for future in running:
+        result, worker = future.result()
+        self.ran_on[worker] += 1
+        if time.monotonic() - checked > 10: window, checked = self._window(), time.monotonic()  # workers come and go
+        while queued < len(tasks) and running.count() < window: running.add(submit(queued)); queued += 1
+        yield int(future.key.rsplit("-", 1)[1]), result
+
+# %% ../nbs/06_extract.ipynb #6cddede1
+@patch
+def imap_unordered(self: DaskExtractionPool, tasks): return (result for _, result in self._finished(tasks))
+
+@patch
+def map(self: DaskExtractionPool, tasks):
+    tasks = list(tasks)
+    out = [None] * len(tasks)
+    for i, result in self._finished(tasks): out[i] = result
+    return out
+
+@patch
+def __enter__(self: DaskExtractionPool): return self
+
+@patch
+def __exit__(self: DaskExtractionPool, *exc):
+    "Remove the plugin: the workers drop their extractors (the cluster stays up for what runs next)."
+    try: self.client.unregister_worker_plugin(self.plugin.name)
+    except Exception as e: get_logger(__name__).warning("could not remove worker plugin %s: %s", self.plugin.name, e)
+
+# %% ../nbs/06_extract.ipynb #85a68921
+@dataclass
+class LocalDaskCluster:
+    address: str      # tcp://127.0.0.1:<port>: what DASK_SCHEDULER_ADDRESS is set to
+    dashboard: str    # the scheduler's dashboard
+    logs: Path        # scheduler.log, worker-<i>.log, scheduler.json
+    processes: list   # the scheduler's, then each worker's
+
+@contextmanager
+def local_dask_cluster(workers: int = 0, port: int = 0, dashboard_port: int = 0, logs: Path | str | None = None,
+                       timeout: float = 120):
+    "A scheduler and `workers` (default: one per core) one-thread workers on 127.0.0.1 (port 0: any free one); entered once all joined."
+    from distributed import Client
+    logs = Path(logs or tempfile.mkdtemp(prefix="catdog-dask-")); logs.mkdir(parents=True, exist_ok=True)
+    scheduler_file, processes, deadline = logs / "scheduler.json", [], time.monotonic() + timeout
+    def start(name: str, *args):
+        with open(logs / f"{name}.log", "wb") as log:  # own sessions: a Ctrl-C reaches the caller, which stops them in order
+            processes.append(subprocess.Popen([Path(sys.executable).parent / "dask", *map(str, args)], stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", port, "--dashboard-address",
+              f"127.0.0.1:{dashboard_port}", "--scheduler-file", scheduler_file)
+        while (info := _read_json(scheduler_file)) is None:
+            if processes[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dask scheduler did not start: {logs / 'scheduler.log'}")
+            time.sleep(0.1)
+        for i in range(workers := workers or default_workers()):
+            start(f"worker-{i}", "worker", "--scheduler-file", scheduler_file, "--nthreads", 1, "--nworkers", 1,
+                  "--host", "127.0.0.1", "--no-dashboard", "--name", f"worker-{i}")
+        with Client(info["address"], timeout=timeout) as client: client.wait_for_workers(workers, timeout=timeout)
+        yield LocalDaskCluster(info["address"], f"http://127.0.0.1:{info['services']['dashboard']}/status", logs, processes)
+    finally:
+        _stop(processes)
+
+# %% ../nbs/06_extract.ipynb #19d23073
+def _read_json(path: Path) -> dict | None:
+    "The JSON in `path`, or None while it is missing or half-written."
+    try: return json.loads(path.read_text())
+    except (OSError, ValueError): return None
+
+def _stop(processes: list, grace: float = 15) -> None:
+    "SIGTERM to the workers, then, once they have left it, to the scheduler; SIGKILL to whatever is left of each group."
+    for group in (processes[1:], processes[:1]):
+        for p in group:
+            if p.poll() is None: p.terminate()
+        for p in group:
+            try: p.wait(grace)
+            except subprocess.TimeoutExpired: pass
+            try: os.killpg(p.pid, signal.SIGKILL)  # a worker process its nanny left behind
+            except ProcessLookupError: pass
+            p.wait()
+
+# %% ../nbs/06_extract.ipynb #f9d1f92a
+def dask_cluster_main(argv: list[str] | None = None) -> None:
+    "`make dask-cluster`: a scheduler and one-thread workers on 127.0.0.1 until Ctrl-C (or SIGTERM)."
+    p = argparse.ArgumentParser(prog="make dask-cluster", description="A Dask cluster on this machine, until Ctrl-C.")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one thread each (0 = one per core)")
+    p.add_argument("--port", type=int, default=8786); p.add_argument("--dashboard-port", type=int, default=8787)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where the shell started us ignoring it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))      # `kill` stops the cluster too
+    try:
+        with local_dask_cluster(a.workers, a.port, a.dashboard_port) as c:
+            n = len(c.processes) - 1
+            print(f"Dask scheduler {c.address} with {n} worker{'s' * (n > 1)} of 1 thread (logs: {c.logs})\n"
+                  f"dashboard      {c.dashboard}\n"
+                  f"run the pipeline on it, from another terminal in the project:\n"
+                  f"  export DASK_SCHEDULER_ADDRESS={c.address}\n"
+                  f"  .venv/bin/dvc repro   # -f features: recompute the tables even when DVC has them up to date\n"
+                  f"Ctrl-C stops the scheduler and the workers", flush=True)
+            while c.processes[0].poll() is None: time.sleep(1)
+            raise SystemExit(f"the scheduler exited: {c.logs / 'scheduler.log'}")
+    except KeyboardInterrupt:
+        print("stopped the scheduler and the workers")

@@ -15,13 +15,14 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .backbone import BACKBONE_INPUT_SIZES, EMBEDDING_NAME, backbone_paths
+from .backbone import BACKBONE_INPUT_SIZES, EMBEDDING_NAME, LOGITS_NAME, backbone_paths
 from .engine import ENGINES, center_square, check_engine, imagenet_batch, load_engine
 
 # %% auto #0
 __all__ = ['FEATURE_SETS', 'SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',
-           'FeatureSettingsError', 'settings_group', 'check_sets', 'check_settings', 'feature_settings', 'lbp_codes',
-           'grid_histograms', 'ClassicDescriptors', 'FeatureExtractor']
+           'DOG_CLASSES', 'DOMESTIC_CAT_CLASSES', 'ANIMAL_CLASSES', 'ANIMAL_THRESHOLD', 'FeatureSettingsError',
+           'settings_group', 'check_sets', 'check_settings', 'feature_settings', 'lbp_codes', 'grid_histograms',
+           'ClassicDescriptors', 'FeatureExtractor', 'animal_probability']
 
 # %% ../nbs/05_features.ipynb #aef9a780
 FEATURE_SETS = ("classic", *BACKBONE_INPUT_SIZES)  # the classic descriptors, or the embedding of one backbone variant
@@ -242,20 +243,38 @@ def fingerprint(self: FeatureExtractor, set_name: str) -> str:
         key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name, "engine": self.engine}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+# %% ../nbs/05_features.ipynb #77b0fecc
+DOG_CLASSES = range(151, 269)           # ImageNet-1k: 151 Chihuahua ... 268 Mexican hairless, the 118 dog breeds
+DOMESTIC_CAT_CLASSES = range(281, 286)  # 281 tabby, 282 tiger cat, 283 Persian cat, 284 Siamese cat, 285 Egyptian cat
+ANIMAL_CLASSES = np.array([*DOG_CLASSES, *DOMESTIC_CAT_CLASSES])
+ANIMAL_THRESHOLD = 0.1  # below it the photo "does not look like a cat or a dog": see the check at the end
+
+def animal_probability(logits: np.ndarray) -> np.ndarray:
+    "`(n,)` float32 in [0, 1]: the softmax of `(n, 1000)` ImageNet logits summed over `ANIMAL_CLASSES`."
+    logits = np.asarray(logits, np.float64)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return (e[:, ANIMAL_CLASSES].sum(1) / e.sum(1)).astype(np.float32)
+
 # %% ../nbs/05_features.ipynb #a42f4c36
 @patch
-def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str) -> np.ndarray:
-    out = np.empty((len(images), EMBEDDING_DIM), np.float32)
+def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str, animal: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    "The embeddings of `images` and, with `animal`, their `animal_probability` from the same forward passes (else None)."
+    out, scores = np.empty((len(images), EMBEDDING_DIM), np.float32), np.empty(len(images), np.float32) if animal else None
+    outputs = [EMBEDDING_NAME, LOGITS_NAME] if animal else [EMBEDDING_NAME]
     flip, engine, size = self.settings["deep"]["flip"], self._engines[variant], BACKBONE_INPUT_SIZES[variant]
     for i in range(0, len(images), self.batch_size):
         batch = images[i:i + self.batch_size]
         # The mirror images go through the same preprocessing (flipping the blob instead is not the same:
         # upscaling with INTER_AREA is not mirror-symmetric).
         if flip: batch = batch + [cv2.flip(image, 1) for image in batch]
-        embedding = engine.run(imagenet_batch(batch, size), [EMBEDDING_NAME])[EMBEDDING_NAME]
+        result = engine.run(imagenet_batch(batch, size), outputs)
+        embedding = result[EMBEDDING_NAME]
         n = len(embedding) // 2 if flip else len(embedding)
         out[i:i + n] = (embedding[:n] + embedding[n:]) / 2 if flip else embedding
-    return out
+        if animal:
+            p = animal_probability(result[LOGITS_NAME])
+            scores[i:i + n] = (p[:n] + p[n:]) / 2 if flip else p
+    return out, scores
 
 # %% ../nbs/05_features.ipynb #3bba620c
 def _check_images(images: list) -> None:
@@ -265,21 +284,41 @@ def _check_images(images: list) -> None:
                              f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
 
 @patch
-def transform_sets(self: FeatureExtractor, images: list[np.ndarray], sets=None) -> dict[str, np.ndarray]:
-    "`{set: (n, dims[set]) float32}` for `sets` (default: all of this extractor's)."
+def _transform(self: FeatureExtractor, images: list[np.ndarray], sets, animal: bool) -> tuple[dict, np.ndarray | None]:
+    "`transform_sets`, and with `animal` the `animal_probability` of each image from `animal_set` (None without a backbone)."
     sets = check_sets(sets) if sets is not None else self.sets
     if not set(sets) <= set(self.sets): raise FeatureSettingsError(f"this extractor computes {self.sets}, not {sets}")
     _check_images(images)
-    out = {}
+    want = self.animal_set if animal and self.animal_set in sets else None
+    out, scores = {}, np.empty(0, np.float32) if want else None
     with self._lock:
         for s in sets:
             if not images: out[s] = np.empty((0, self.dims[s]), np.float32)
             elif s == "classic": out[s] = np.stack([self._classic(image) for image in images])
-            else: out[s] = self._deep(images, s)
-    return out
+            else:
+                out[s], found = self._deep(images, s, animal=s == want)
+                if found is not None: scores = found
+    return out, scores
+
+@patch
+def transform_sets(self: FeatureExtractor, images: list[np.ndarray], sets=None) -> dict[str, np.ndarray]:
+    "`{set: (n, dims[set]) float32}` for `sets` (default: all of this extractor's)."
+    return self._transform(images, sets, animal=False)[0]
 
 @patch
 def transform(self: FeatureExtractor, images: list[np.ndarray]) -> np.ndarray:
     "`(n, d)` float32: the rows of every set side by side, in `feature_names` order."
     parts = self.transform_sets(images)
     return np.concatenate([parts[s] for s in self.sets], axis=1)
+
+# %% ../nbs/05_features.ipynb #313df240
+@patch(as_prop=True)
+def animal_set(self: FeatureExtractor) -> str | None:
+    "The backbone set whose ImageNet head gives `animal`: the largest of this extractor's, or None without one."
+    return max((s for s in self.sets if s in BACKBONE_INPUT_SIZES), key=BACKBONE_INPUT_SIZES.get, default=None)
+
+@patch
+def transform_animal(self: FeatureExtractor, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    "`transform`'s rows, and `(n,)` `animal_probability` of the images from `animal_set`'s same forward passes (None without)."
+    parts, animal = self._transform(images, None, animal=True)
+    return np.concatenate([parts[s] for s in self.sets], axis=1), animal

@@ -46,6 +46,8 @@ class ServiceMetrics:
         self.predictions = Counter("catdog_predictions", "Predictions by label", ["label"], registry=r)
         self.confidence = Histogram("catdog_prediction_confidence", "Probability of the predicted label",
                                     buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r)
+        self.animal = Histogram("catdog_prediction_animal", "Probability that the photo shows a cat or a dog at all",
+                                buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0), registry=r)
         self.in_flight = Gauge("catdog_requests_in_flight", "HTTP requests being served",
                                registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge("catdog_model_info", "The served model version (value 1)", ["version"],
@@ -56,6 +58,7 @@ class ServiceMetrics:
 def observe_prediction(self: ServiceMetrics, prediction: Prediction) -> None:
     self.predictions.labels(prediction.label).inc()
     self.confidence.observe(prediction.confidence)
+    if prediction.animal is not None: self.animal.observe(prediction.animal)
 
 # %% ../nbs/16_monitoring.ipynb #c1af12e8
 @patch

@@ -17,7 +17,7 @@ from .bundle import BundleError, read_bundle, resolve_bundle
 from .core import get_logger, load_params, project_root
 from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_file
 from .engine import ENGINES, check_engine
-from .features import SETTINGS_GROUPS, FeatureExtractor
+from .features import ANIMAL_THRESHOLD, SETTINGS_GROUPS, FeatureExtractor
 
 # %% auto #0
 __all__ = ['default_model_uri', 'default_engine', 'Prediction', 'Classifier', 'expand_paths', 'error_text', 'predict_command']
@@ -42,6 +42,7 @@ def default_engine() -> str:
 class Prediction:
     label: str
     probability: dict[str, float]  # class name -> probability, summing to 1
+    animal: float | None = None    # P(the photo shows a cat or a dog at all), from the backbone's ImageNet head
 
     @property
     def confidence(self) -> float:
@@ -49,12 +50,13 @@ class Prediction:
         return self.probability[self.label]
 
     @classmethod
-    def from_row(cls, classes: Sequence[str], row: np.ndarray) -> Prediction:
+    def from_row(cls, classes: Sequence[str], row: np.ndarray, animal: float | None = None) -> Prediction:
         "The prediction of one row of class probabilities (ties go to the first class)."
-        return cls(classes[int(np.argmax(row))], {c: float(p) for c, p in zip(classes, row)})
+        return cls(classes[int(np.argmax(row))], {c: float(p) for c, p in zip(classes, row)},
+                   None if animal is None else float(animal))
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probability": dict(self.probability)}
+        return {"label": self.label, "probability": dict(self.probability), "animal": self.animal}
 
 # %% ../nbs/09_predict.ipynb #c269896b
 class Classifier:
@@ -100,11 +102,18 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size): yield items[start:start + size]
 
 @patch
+def score_images(self: Classifier, images: Sequence[np.ndarray], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    "`(n, n_classes)` probabilities and `(n,)` `animal` of decoded BGR uint8 images (None without a backbone), `batch_size` at a time."
+    probabilities, animal = [np.empty((0, len(self.classes)))], [np.empty(0, np.float32)]
+    for chunk in _chunks(list(images), batch_size or self.batch_size):
+        features, scores = self.extractor.transform_animal(list(chunk))
+        probabilities.append(self.predict_features(features)); animal.append(scores)
+    return np.concatenate(probabilities), None if self.extractor.animal_set is None else np.concatenate(animal)
+
+@patch
 def predict_images(self: Classifier, images: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
     "`(n, n_classes)` probabilities of decoded BGR uint8 images, computed `batch_size` at a time."
-    if len(images) == 0: return np.empty((0, len(self.classes)))
-    return np.concatenate([self.predict_features(self.features(chunk))
-                           for chunk in _chunks(list(images), batch_size or self.batch_size)])
+    return self.score_images(images, batch_size)[0]
 
 # %% ../nbs/09_predict.ipynb #8e4ca31f
 @patch
@@ -114,9 +123,15 @@ def decode(self: Classifier, data: bytes) -> np.ndarray:
 
 # %% ../nbs/09_predict.ipynb #fd1e7c3f
 @patch
-def predictions(self: Classifier, probabilities: np.ndarray) -> list[Prediction]:
-    "A `Prediction` per row of class probabilities."
-    return [Prediction.from_row(self.classes, row) for row in probabilities]
+def predictions(self: Classifier, probabilities: np.ndarray, animal: np.ndarray | None = None) -> list[Prediction]:
+    "A `Prediction` per row of class probabilities, with its `animal` when given."
+    if animal is None: animal = [None] * len(probabilities)
+    return [Prediction.from_row(self.classes, row, a) for row, a in zip(probabilities, animal)]
+
+@patch
+def predict(self: Classifier, images: Sequence[np.ndarray], batch_size: int | None = None) -> list[Prediction]:
+    "A `Prediction` per decoded BGR uint8 image, `animal` included."
+    return self.predictions(*self.score_images(images, batch_size))
 
 @patch
 def predict_bytes(self: Classifier, blobs: Sequence[bytes], batch_size: int | None = None) -> list[Prediction | ImageError]:
@@ -126,7 +141,7 @@ def predict_bytes(self: Classifier, blobs: Sequence[bytes], batch_size: int | No
     for i, data in enumerate(blobs):
         try: images.append(self.decode(data)); where.append(i)
         except ImageError as e: results[i] = e
-    for i, prediction in zip(where, self.predictions(self.predict_images(images, batch_size))): results[i] = prediction
+    for i, prediction in zip(where, self.predict(images, batch_size)): results[i] = prediction
     return results
 
 # %% ../nbs/09_predict.ipynb #f5af3bc9

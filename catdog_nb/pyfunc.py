@@ -39,18 +39,19 @@ class CatdogModel(mlflow.pyfunc.PythonModel):
         rows = []
         for result in self.classifier.predict_bytes([_as_bytes(v) for v in images]):
             if isinstance(result, Exception):
-                rows.append({"label": None, **dict.fromkeys(probability_columns, np.nan),
+                rows.append({"label": None, **dict.fromkeys(probability_columns, np.nan), "animal": np.nan,
                              "error": f"{getattr(result, 'reason', type(result).__name__)}: {result}"})
             else:
-                rows.append({"label": result.label, **{f"probability_{c}": p for c, p in result.probability.items()}, "error": ""})
-        return pd.DataFrame(rows, columns=["label", *probability_columns, "error"])
+                rows.append({"label": result.label, **{f"probability_{c}": p for c, p in result.probability.items()},
+                             "animal": np.nan if result.animal is None else result.animal, "error": ""})
+        return pd.DataFrame(rows, columns=["label", *probability_columns, "animal", "error"])
 
 # %% ../nbs/10_pyfunc.ipynb #f94f118c
 def model_signature(classes=CLASSES) -> ModelSignature:
-    "Input: a binary column `image`; output: `label`, `probability_<class>` per class, `error`."
+    "Input: a binary column `image`; output: `label`, `probability_<class>` per class, `animal`, `error`."
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                           outputs=Schema([ColSpec("string", "label"), *[ColSpec("double", f"probability_{c}") for c in classes],
-                                          ColSpec("string", "error")]))
+                                          ColSpec("double", "animal"), ColSpec("string", "error")]))
 
 def _pip_requirements() -> list[str]:
     "Pinned runtime requirements of the pyfunc (besides the `catdog_nb` package itself); it runs the default engine, onnxruntime."

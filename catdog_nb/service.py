@@ -8,7 +8,7 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/18_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, functools, os, typing
+import asyncio, ctypes, functools, os, typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 import anyio
@@ -33,12 +33,13 @@ from .bundle import BundleError
 from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
 from .engine import available_cores, check_engine
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
+from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, Prediction, default_engine, default_model_uri
 
 # %% auto #0
-__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'ServiceState', 'service_state', 'model_ready', 'read_by',
-           'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html',
-           'page', 'create_app', 'app_from_env']
+__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState', 'service_state',
+           'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health',
+           'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
 
 # %% ../nbs/18_service.ipynb #d65caa16
 @dataclass(frozen=True)
@@ -89,6 +90,15 @@ def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> 
             + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model
     return base_mib + held / 2**20
 
+# %% ../nbs/18_service.ipynb #3dc913cd
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (<malloc.h>)
+
+def return_freed_memory(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    "glibc: buffers over `mmap_threshold` bytes go back to the OS when freed; threads share `arenas` arenas. False elsewhere."
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False  # not glibc (musl, macOS)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
 # %% ../nbs/18_service.ipynb #982ba467
 class ServiceState:
     "What the handlers share: settings, metrics, and once loaded the classifier and its micro-batcher."
@@ -136,7 +146,7 @@ async def load(self: ServiceState) -> None:
             s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, engine=s.engine, threads=_engine_threads(s.workers)))
         self.classifier = classifier
         self.decode_limiter = anyio.CapacityLimiter(s.decode_threads)
-        self.batcher = MicroBatcher(lambda images: classifier.predict_images(images, batch_size=len(images)),
+        self.batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
                                     s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
         warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
         await self.batcher.submit([warm_up])
@@ -152,8 +162,7 @@ async def load(self: ServiceState) -> None:
 
 # %% ../nbs/18_service.ipynb #868b8a93
 @patch
-def observe(self: ServiceState, row: np.ndarray) -> Prediction:
-    prediction = Prediction.from_row(self.classifier.classes, row)
+def observe(self: ServiceState, prediction: Prediction) -> Prediction:
     self.metrics.observe_prediction(prediction)
     return prediction
 
@@ -222,9 +231,10 @@ async def predict(request: Request, service: ServiceState) -> PredictResult:
         data = await read_by(deadline, image_bytes(request))
         reserve(arrival, 1)
         image = await service.decode(data, deadline)
-        ((row, seconds),) = await model_rows(request, arrival, [image], deadline)
-    prediction = service.observe(row)
-    return PredictResult(prediction.label, prediction.probability, service.classifier.version, round(seconds * 1000, 3))
+        ((prediction, seconds),) = await model_rows(request, arrival, [image], deadline)
+    service.observe(prediction)
+    return PredictResult(prediction.label, prediction.probability, prediction.animal, service.classifier.version,
+                         round(seconds * 1000, 3))
 
 # %% ../nbs/18_service.ipynb #86850618
 async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
@@ -248,9 +258,9 @@ def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> Batch
     if isinstance(decoded, ImageError):
         e = image_problem(decoded)
         return BatchItem(part.filename, error=Problem(e.status_code, e.title, e.detail, decoded.reason))
-    row, seconds = next(rows)
-    prediction = service.observe(row)
-    return BatchItem(part.filename, prediction.label, prediction.probability, round(seconds * 1000, 3))
+    prediction, seconds = next(rows)
+    service.observe(prediction)
+    return BatchItem(part.filename, prediction.label, prediction.probability, prediction.animal, round(seconds * 1000, 3))
 
 # %% ../nbs/18_service.ipynb #e8c4612d
 @post("/predict/batch", operation_class=with_body(BATCH_BODY), status_code=200, summary="Classify several images",
@@ -288,8 +298,9 @@ async def metrics(service: ServiceState) -> Response[bytes]:
 # %% ../nbs/18_service.ipynb #340e01d2
 @functools.cache
 def page_html() -> str:
-    "The upload page, read once from the package."
-    return (resources.files("catdog_nb") / "static" / "index.html").read_text(encoding="utf-8")
+    "The upload page, read once from the package, with the threshold under which it says the photo is no cat or dog."
+    page = (resources.files("catdog_nb") / "static" / "index.html").read_text(encoding="utf-8")
+    return page.replace("ANIMAL_THRESHOLD", repr(ANIMAL_THRESHOLD))
 
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def page() -> str:
@@ -299,6 +310,7 @@ async def page() -> str:
 def create_app(settings: Settings | None = None) -> Litestar:
     "The Litestar app serving the model of `settings` (default: `Settings.from_env()`)."
     settings = settings or Settings.from_env()
+    return_freed_memory()
     get_logger("catdog").setLevel(settings.log_level.upper())
     service = ServiceState(settings)
     app = Litestar(

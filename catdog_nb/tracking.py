@@ -1,5 +1,6 @@
 """MLflow for the pipeline's stages: where runs go, the provenance every run carries, the executed notebook
-attached to its run, and the training run that registers a bundle.
+attached to its run, the training run that registers a bundle, and a tracking server on PostgreSQL to try a
+team's setup on one machine (`make tracking-server`).
 
 Docs: https://catdog.github.io/catdog/tracking.html.md"""
 
@@ -7,15 +8,20 @@ Docs: https://catdog.github.io/catdog/tracking.html.md"""
 
 # %% ../nbs/11_tracking.ipynb #7cfb1d56
 from __future__ import annotations
-import json, os, re, subprocess
+import json, os, pwd, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 import yaml
 from .bundle import BUNDLE_FILE
 from .core import project_root
 
 # %% auto #0
-__all__ = ['RUN_ID_MARK', 'data_version', 'git_state', 'mlflow_setup', 'run_ids_in_notebook', 'log_executed_notebook',
-           'train_tags', 'log_train_run', 'find_model_version']
+__all__ = ['RUN_ID_MARK', 'DB_USER', 'data_version', 'git_state', 'mlflow_setup', 'run_ids_in_notebook', 'log_executed_notebook',
+           'train_tags', 'log_train_run', 'find_model_version', 'postgres_bindir', 'postgres_account', 'log_tail',
+           'wait_ready', 'stop_group', 'postgres_server', 'answers', 'mlflow_server', 'TrackingServer',
+           'tracking_server', 'server_banner', 'tracking_server_main']
 
 # %% ../nbs/11_tracking.ipynb #543a72d0
 def data_version(root: Path | None = None) -> str:
@@ -98,3 +104,145 @@ def find_model_version(client, name: str, bundle_version: str):
     try: versions = client.search_model_versions(f"name = '{name}' and tags.bundle_version = '{bundle_version}'")
     except MlflowException: return None
     return max(versions, key=lambda v: int(v.version), default=None)
+
+# %% ../nbs/11_tracking.ipynb #e44f6c5d
+def postgres_bindir() -> Path:
+    "The folder of PostgreSQL's server programs: that of `initdb` on PATH, else Debian's newest `/usr/lib/postgresql/<version>/bin`."
+    on_path = shutil.which("initdb")
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)])
+    for folder in [Path(on_path).resolve().parent] * bool(on_path) + debian[::-1]:
+        if all((folder / program).is_file() for program in ("initdb", "postgres", "pg_isready", "createdb")): return folder
+    raise FileNotFoundError("PostgreSQL's server programs are neither on PATH nor in /usr/lib/postgresql/<version>/bin: "
+                            "`make tools` installs Debian's postgresql")
+
+# %% ../nbs/11_tracking.ipynb #1d356419
+def postgres_account() -> str | None:
+    "The account PostgreSQL runs as: this one (None) unless it is root, which initdb and postgres refuse; then `postgres`, else `nobody`."
+    if os.geteuid() != 0: return None
+    for name in ("postgres", "nobody"):
+        try: return pwd.getpwnam(name).pw_name
+        except KeyError: pass
+    raise RuntimeError("running as root, with neither a postgres nor a nobody account to run PostgreSQL as")
+
+# %% ../nbs/11_tracking.ipynb #bbba0daf
+def log_tail(log: Path | str, chars: int = 3000) -> str:
+    "The end of a server's log."
+    return Path(log).read_text(errors="replace")[-chars:] if Path(log).exists() else ""
+
+def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log: Path | str, timeout: float) -> None:
+    "Return once `ready()`; raise if `proc` exits first or `timeout` seconds pass, with the end of its `log`."
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None: raise RuntimeError(f"{what} exited with status {proc.returncode}; the end of {log}:\n{log_tail(log)}")
+        if time.monotonic() > deadline: raise TimeoutError(f"{what} was not ready within {timeout:.0f} s; the end of {log}:\n{log_tail(log)}")
+        time.sleep(0.2)
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 30) -> None:
+    "Send `sig` to `proc` (the leader of its own process group), wait up to `grace` s, then SIGKILL what is left of the group."
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try: proc.wait(grace)
+        except subprocess.TimeoutExpired: pass
+    try: os.killpg(proc.pid, signal.SIGKILL)  # children the leader left behind, or the leader itself past its grace
+    except ProcessLookupError: pass
+    proc.wait()
+
+# %% ../nbs/11_tracking.ipynb #3d55dbb3
+DB_USER = "catdog"
+
+@contextmanager
+def postgres_server(log: Path | str, database: str = "mlflow", timeout: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
+    "PostgreSQL on a throwaway data directory, reachable only through a unix socket beside it; yields (database URI, process)."
+    bindir, account = postgres_bindir(), postgres_account()
+    base = Path(tempfile.mkdtemp(prefix="catdog-postgres-"))  # short: a socket's path holds ~100 characters
+    as_account = {}
+    if account:
+        entry = pwd.getpwnam(account)
+        os.chown(base, entry.pw_uid, entry.pw_gid)
+        as_account = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    try:
+        with open(log, "ab") as out:
+            def run(program: str, *args):
+                done = subprocess.run([bindir / program, *map(str, args)], stdout=out, stderr=subprocess.STDOUT, cwd=base, **as_account)
+                if done.returncode: raise RuntimeError(f"{program} failed with status {done.returncode}; the end of {log}:\n{log_tail(log)}")
+            run("initdb", "-D", base / "data", "-U", DB_USER, "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8")
+            proc = subprocess.Popen([bindir / "postgres", "-D", base / "data", "-k", base, "-c", "listen_addresses=",
+                                     "-c", "fsync=off"],  # a throwaway database: nothing to recover after a crash
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True, **as_account)
+            try:
+                ready = lambda: subprocess.run([bindir / "pg_isready", "-q", "-h", base], cwd=base).returncode == 0
+                wait_ready(proc, ready, "postgres", log, timeout)
+                run("createdb", "-h", base, "-U", DB_USER, database)
+                yield f"postgresql://{DB_USER}@/{database}?host={base}", proc
+            finally: stop_group(proc, signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown
+    finally: shutil.rmtree(base, ignore_errors=True)
+
+# %% ../nbs/11_tracking.ipynb #93c1a389
+def answers(url: str) -> bool:
+    "Does `url` answer 200 right now?"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response: return response.status == 200
+    except OSError: return False
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path | str, port: int, log: Path | str,
+                  timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    "`mlflow server` on 127.0.0.1:`port` over the store `backend_uri`, keeping uploaded artifacts in `artifacts`; yields (URL, process)."
+    url = f"http://127.0.0.1:{port}"
+    with socket.socket() as s: s.bind(("127.0.0.1", port))  # a port in use fails here, not later as another server's /health
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+           "--artifacts-destination", str(Path(artifacts).resolve()), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # its GenAI job runner: a process the pipeline never uses
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_ready(proc, lambda: answers(f"{url}/health"), "mlflow server", log, timeout)
+        yield url, proc
+    finally: stop_group(proc)  # SIGTERM: mlflow hands it on to uvicorn
+
+# %% ../nbs/11_tracking.ipynb #b40a1a88
+@dataclass(frozen=True)
+class TrackingServer:
+    uri: str                                 # http://127.0.0.1:<port>: what MLFLOW_TRACKING_URI is set to (the UI too)
+    database: str                            # its PostgreSQL database, as libpq's URI (through a unix socket)
+    artifacts: Path                          # where the server keeps the artifacts that clients upload through it
+    processes: dict[str, subprocess.Popen]   # "postgres" and "mlflow", each named as its log beside `artifacts`
+
+@contextmanager
+def tracking_server(folder: Path | str, port: int = 5000) -> Iterator[TrackingServer]:
+    "PostgreSQL on a throwaway data directory and `mlflow server` over it on 127.0.0.1:`port`; artifacts and logs in `folder`."
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with postgres_server(folder / "postgres.log") as (database, postgres):
+        backend_uri = database.replace("postgresql://", "postgresql+psycopg2://", 1)  # SQLAlchemy 2.1's default driver is psycopg 3
+        with mlflow_server(backend_uri, folder / "artifacts", port, folder / "mlflow.log") as (uri, tracker):
+            yield TrackingServer(uri, database, folder / "artifacts", {"postgres": postgres, "mlflow": tracker})
+
+# %% ../nbs/11_tracking.ipynb #99089ecd
+def server_banner(server: TrackingServer) -> str:
+    "What `make tracking-server` prints once both servers answer."
+    logs = server.artifacts.parent
+    return "\n".join([
+        f"MLflow tracking server {server.uri} (and its UI) on PostgreSQL. Ctrl-C stops both and throws the database away.",
+        f"  database   {server.database}", f"  artifacts  {server.artifacts}",
+        f"  logs       {logs / 'postgres.log'}, {logs / 'mlflow.log'}",
+        "In another shell, at the project root:",
+        f"  export MLFLOW_TRACKING_URI={server.uri}",
+        "  .venv/bin/dvc repro -f -s train evaluate              # the model's runs, its registration, the champion alias",
+        "  CATDOG_MODEL_URI=models:/catdog@champion make serve   # the service on the champion of that registry"])
+
+def tracking_server_main(argv: list[str] | None = None) -> None:
+    "`make tracking-server`: `tracking_server` in a temporary folder until Ctrl-C, SIGTERM or the death of either server."
+    import argparse
+    parser = argparse.ArgumentParser(prog="make tracking-server", description="MLflow on a throwaway PostgreSQL, on loopback")
+    parser.add_argument("--port", type=int, default=5000, help="the MLflow server's port on 127.0.0.1")
+    port = parser.parse_args(argv).port
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        with tempfile.TemporaryDirectory(prefix="catdog-mlflow-") as folder, tracking_server(folder, port) as server:
+            print(server_banner(server), flush=True)
+            while all(p.poll() is None for p in server.processes.values()): time.sleep(1)
+            for name, p in server.processes.items():
+                if p.poll() is not None: print(f"{name} exited with status {p.returncode}:\n{log_tail(Path(folder) / f'{name}.log')}", flush=True)
+            sys.exit(1)  # stops the other one on the way out
+    except KeyboardInterrupt: print("stopped: both servers, the database deleted", flush=True)

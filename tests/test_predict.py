@@ -36,6 +36,7 @@ def test_predict_folder_of_mixed_files(model_bundle, training_photos, unseen_pho
     for p in good:
         line = by_name[p.name]
         assert "error" not in line and set(line["probability"]) == {"cat", "dog"}
+        assert 0 <= line["animal"] <= 1  # the served backbone's P(cat or dog at all)
         assert line["label"] == max(line["probability"], key=line["probability"].get)
     assert by_name[training_photos[0].name]["label"] == "cat" and by_name[training_photos[-1].name]["label"] == "dog"
     assert by_name["notes.txt"]["error"].startswith("unsupported_format:")

@@ -112,6 +112,29 @@ def test_predict_batch_keeps_order_and_isolates_bad_files(client, training_photo
     assert errors == [None, (400, "unsupported_format"), None, (400, "empty"), (400, "corrupt"), (413, "too_many_pixels")]
 
 
+def skimage_png(name: str) -> bytes:
+    "A picture that scikit-image ships, as PNG bytes."
+    import cv2
+    import skimage.data
+    return cv2.imencode(".png", cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_animal_is_in_every_answer_and_in_the_schema(client):
+    "`animal`: the backbone's P(cat or dog at all), in [0, 1]; high for scikit-image's cat, low for its coffee cup."
+    cat, coffee = skimage_png("chelsea"), skimage_png("coffee")
+    single = [client.post("/predict", content=data, headers={"content-type": "image/png"}).json() for data in (cat, coffee)]
+    batch = client.post("/predict/batch", files=[("files", ("cat.png", cat, "image/png")),
+                                                 ("files", ("bad.txt", b"hello", "text/plain")),
+                                                 ("files", ("coffee.png", coffee, "image/png"))]).json()["results"]
+    assert [x["animal"] for x in batch] == [pytest.approx(single[0]["animal"], abs=1e-6), None,
+                                            pytest.approx(single[1]["animal"], abs=1e-6)]
+    assert 0.5 < single[0]["animal"] <= 1 and 0 <= single[1]["animal"] < 0.1, single
+    schema = client.get("/schema/openapi.json").json()["components"]["schemas"]
+    for name in ("PredictResult", "BatchItem"):
+        animal = next(v for k, v in schema.items() if k.startswith(name))["properties"]["animal"]
+        assert animal["maximum"] == 1 and "cat or a dog" in animal["description"], animal
+
+
 # --- each error class ---------------------------------------------------------------------------------------------
 
 def test_decompression_bomb_is_refused_from_its_header(client):
@@ -348,11 +371,17 @@ def test_upload_page_in_headless_chromium(server, training_photos, tmp_path):
                 page.wait_for_function(f"document.getElementById('label').textContent === '{label}'", timeout=30_000)
                 confidence = page.text_content("#confidence")
                 assert confidence.endswith("%") and 50 <= float(confidence[:-1]) <= 100
+            assert page.text_content("#note") == ""  # a cat: no warning
             page.wait_for_function("document.getElementById('preview').complete", timeout=30_000)
             page.screenshot(path=screenshot)
             print(f"screenshot of the upload page with a result: {screenshot}")
             problems = layout_problems(page.evaluate(BOXES_SCRIPT, PAGE_BOXES), VIEWPORT)
             assert problems == [], problems
+            coffee = tmp_path / "coffee.png"
+            coffee.write_bytes(skimage_png("coffee"))
+            page.set_input_files("#file", str(coffee))
+            page.wait_for_function("document.getElementById('note').textContent.length > 0", timeout=30_000)
+            assert "does not look like a cat or a dog" in page.text_content("#note")
             page.set_input_files("#file", str(not_a_photo))
             page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
             assert "not a usable image" in page.text_content("#error")
