@@ -122,8 +122,8 @@ def engine_client(engine: str, address: str | None = None, timeout: float = 60):
     try: client = dask_client(address)
     except OSError as e: raise ClusterError(f"train.engine is dask, but the Dask scheduler cannot be reached: {e}") from e
     if client is None:
-        raise ClusterError("train.engine is dask, but no Dask scheduler is named: set DASK_SCHEDULER_ADDRESS=tcp://HOST:8786 "
-                           "(`make dask-cluster` starts one on this machine), or train.engine: local")
+        raise ClusterError("train.engine is dask, but no Dask scheduler is named: set features.scheduler or DASK_SCHEDULER_ADDRESS "
+                           "to tcp://HOST:8786 (`make dask-cluster` starts one on this machine), or train.engine: local")
     try: client.wait_for_workers(1, timeout=timeout)
     except TimeoutError as e:
         address = client.scheduler.address
