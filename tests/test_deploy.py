@@ -175,16 +175,24 @@ def test_worker_image_runs_dask_worker_as_a_non_root_user():
 
 # --- Kubernetes ---------------------------------------------------------------------------------------------------
 
-MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+DASK = K8S / "dask"  # the Dask cluster of the pipeline: a kustomization of its own
 
 
-def test_kubernetes_manifests_validate():
+def manifests(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+MANIFESTS, DASK_MANIFESTS = manifests(K8S), manifests(DASK)
+
+
+@pytest.mark.parametrize("folder", [K8S, DASK], ids=["k8s", "k8s/dask"])
+def test_kubernetes_manifests_validate(folder):
     "Every manifest against the offline JSON schemas of Kubernetes K8S_VERSION, unknown fields rejected (--strict)."
-    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(K8S / name for name in MANIFESTS))
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(folder / name for name in manifests(folder)))
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    for name in MANIFESTS:
-        assert re.search(rf"^INFO \S*k8s/{re.escape(name)} passed ", report, re.M), report
+    for name in manifests(folder):
+        assert re.search(rf"^INFO \S*{folder.relative_to(ROOT).as_posix()}/{re.escape(name)} passed ", report, re.M), report
 
 
 def test_kubernetes_validate_rejects_a_mistyped_field(tmp_path):
@@ -306,10 +314,6 @@ def test_service_hpa_and_pdb_point_at_the_deployment(k8s):
 
 # --- Kubernetes: the Dask cluster (k8s/dask/) -------------------------------------------------------------------
 
-DASK = K8S / "dask"
-DASK_MANIFESTS = sorted(p.name for p in DASK.glob("*.yaml") if p.name != "kustomization.yaml")
-
-
 @pytest.fixture(scope="module")
 def dask_k8s() -> dict[str, dict]:
     return {p.stem: load_yaml(p) for p in DASK.glob("*.yaml")}
@@ -319,15 +323,6 @@ def pod_and_container(deployment: dict) -> tuple[dict, dict]:
     pod = deployment["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     return pod, c
-
-
-def test_dask_manifests_validate():
-    "The scheduler and worker manifests against the same offline schemas, unknown fields rejected (--strict)."
-    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(DASK / name for name in DASK_MANIFESTS))
-    report = result.stdout + result.stderr
-    assert result.returncode == 0, report
-    for name in DASK_MANIFESTS:
-        assert re.search(rf"^INFO \S*k8s/dask/{re.escape(name)} passed ", report, re.M), report
 
 
 def test_dask_kustomization_lists_every_manifest_and_the_worker_image(dask_k8s):
@@ -474,3 +469,4 @@ def test_workflow_tests_then_builds_and_smoke_tests_the_image():
     image_steps = " ".join(step.get("run", "") for step in jobs["image"]["steps"])
     assert "docker build" in image_steps
     assert "http://127.0.0.1:8000/health" in image_steps and "http://127.0.0.1:8000/predict" in image_steps
+    assert "--target worker" in image_steps and "DASK_SCHEDULER_ADDRESS=" in image_steps  # the Dask image joins a scheduler
