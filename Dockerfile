@@ -1,7 +1,8 @@
 # The catdog prediction service: `catdog serve` with the serving dependency set and the model bundle, nothing else.
 #   docker build -t catdog .            (needs models/catdog/, made by the pipeline: `make pipeline`)
 #   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp catdog
-# Both stages use the same base image, so the venv's interpreter path (/usr/local/bin/python3.11) exists in both.
+# and, from the same file, the pipeline's Dask worker (target `worker`, below; k8s/dask/ runs it).
+# Every stage uses the same base image, so the venv's interpreter path (/usr/local/bin/python3.11) exists in all.
 # Python 3.11 is the version the project tests on (Makefile PYTHON, CI).
 
 FROM python:3.11-slim-bookworm AS builder
@@ -19,7 +20,8 @@ COPY catdog_nb/ catdog_nb/
 RUN pip install --no-cache-dir --no-deps . \
     && catdog --help >/dev/null
 
-FROM python:3.11-slim-bookworm AS runtime
+# What both images run on: the system OpenMP runtime and the numeric non-root user.
+FROM python:3.11-slim-bookworm AS base
 # LightGBM's wheel links the system OpenMP runtime (libgomp.so.1), which the slim image lacks.
 # Unpinned on purpose: the base tag fixes the Debian release, and its point releases carry security fixes.
 # hadolint ignore=DL3008
@@ -29,6 +31,32 @@ RUN apt-get update \
 # A numeric non-root user, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 RUN groupadd --system --gid 10001 catdog \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin catdog
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+
+# The pipeline's Dask worker: the worker set (requirements/worker.txt: the serving set + dask, pandas, pyarrow,
+# scikit-learn for lightgbm.dask; no JupyterLab, DVC or MLflow) and the package, so that the tasks of stages
+# `features` and `train` run here. The same image runs the scheduler (`dask scheduler`, k8s/dask/).
+#   docker build --target worker -t catdog-worker .
+#   docker run --rm --read-only --tmpfs /tmp -e DASK_SCHEDULER_ADDRESS=tcp://HOST:8786 catdog-worker
+# Its versions are the client's: requirements/pipeline.txt is compiled under worker.txt's pins (`make lock`).
+FROM builder AS worker-builder
+COPY requirements/worker.txt requirements/worker.txt
+RUN pip install --no-cache-dir -r requirements/worker.txt \
+    && python -c "import catdog_nb.extract, catdog_nb.train, lightgbm.dask"
+
+FROM base AS worker
+COPY --from=worker-builder /opt/venv /opt/venv
+USER 10001:10001
+# The scheduler comes from DASK_SCHEDULER_ADDRESS (Dask's own variable, as for the pipeline) or an argument.
+# One worker process per container, its threads and memory limit read by Dask from the container's limits;
+# /health and /metrics without the Bokeh dashboard on 8788.
+ENTRYPOINT ["dask", "worker"]
+CMD ["--nworkers", "1", "--no-dashboard", "--dashboard-address", ":8788"]
+
+FROM base AS runtime
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # params.yaml marks the project root (catdog_nb.core.project_root); the bundle is read-only at run time.
@@ -37,11 +65,7 @@ COPY models/catdog/ models/catdog/
 # Only what this image's layout decides: the project root and the bundle copied above. Every other CATDOG_*
 # setting keeps its default, which lives in one place (catdog_nb.service.Settings); k8s/configmap.yaml and
 # `docker run -e` override them.
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    HOME=/tmp \
-    CATDOG_ROOT=/app \
+ENV CATDOG_ROOT=/app \
     CATDOG_MODEL_URI=/app/models/catdog
 USER 10001:10001
 EXPOSE 8000

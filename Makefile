@@ -1,7 +1,8 @@
 # Every target installs what it needs when it is missing, and nothing else.
-# Three pinned sets (requirements/*.txt, compiled from *.in by `make lock`):
+# Four pinned sets (requirements/*.txt, compiled from *.in by `make lock`, each constrained by the one before):
 #   serve    -> .venv-serve  what `catdog serve` / `catdog predict` import, nothing else
-#   pipeline -> .venv        notebooks, DVC, MLflow, papermill, the backbone converter (+ serve)
+#   worker   -> image        a Dask worker's tasks (extraction, LightGBM) and scheduler: Dockerfile target `worker` (+ serve)
+#   pipeline -> .venv        notebooks, DVC, MLflow, papermill, the backbone converter (+ worker)
 #   dev      -> .venv        pipeline + test tools
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -65,7 +66,8 @@ lab: $(VENV)/.pipeline
 
 lock: | $(BIN)/uv
 	cd requirements && ../$(UV) pip compile -q --python-version 3.11 serve.in -o serve.txt \
-	  && ../$(UV) pip compile -q --python-version 3.11 pipeline.in -c serve.txt -o pipeline.txt \
+	  && ../$(UV) pip compile -q --python-version 3.11 worker.in -c serve.txt -o worker.txt \
+	  && ../$(UV) pip compile -q --python-version 3.11 pipeline.in -c worker.txt -o pipeline.txt \
 	  && ../$(UV) pip compile -q --python-version 3.11 dev.in -c pipeline.txt -o dev.txt
 
 # Notebooks -> package, then strip outputs and metadata noise before committing.

@@ -13,11 +13,12 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 from .bundle import CLASSES
-from .core import Progress
+from .core import Progress, dask_client
 
 # %% auto #0
-__all__ = ['LGB_KEYS', 'FeatureTableError', 'feature_columns', 'load_dataset', 'split_xy', 'lgb_params', 'training_params',
-           'train_booster', 'predict_proba', 'learning_curve_figure']
+__all__ = ['LGB_KEYS', 'TRAIN_ENGINES', 'NETWORK_PARAMS', 'FeatureTableError', 'feature_columns', 'load_dataset', 'split_xy',
+           'lgb_params', 'training_params', 'train_booster', 'predict_proba', 'learning_curve_figure', 'ClusterError',
+           'engine_client', 'scatter_rows', 'val_losses', 'early_stop', 'train_on_cluster']
 
 # %% ../nbs/12_train.ipynb #2301127c
 class FeatureTableError(ValueError):
@@ -76,8 +77,10 @@ def training_params(cfg: dict) -> dict:
 # %% ../nbs/12_train.ipynb #c704156f
 def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
                   cfg: dict, seed: int, feature_names: list[str] | None = None,
-                  progress: str | None = None) -> tuple[lgb.Booster, dict]:
-    "(booster trained with early stopping on val, its per-round val log loss `{'val': [...]}`); `progress`: a terminal line's label."
+                  progress: str | None = None, client=None) -> tuple[lgb.Booster, dict]:
+    """(booster trained with early stopping on val, its per-round val log loss `{'val': [...]}`); `progress`: a terminal
+    line's label; `client`: train on that Dask cluster instead (`train_on_cluster`, below)."""
+    if client is not None: return train_on_cluster(client, X_train, y_train, X_val, y_val, cfg, seed, feature_names, progress)
     params = lgb_params(cfg, seed)
     train_set = lgb.Dataset(X_train, y_train, feature_name=feature_names or "auto", params=params)
     val_set = lgb.Dataset(X_val, y_val, reference=train_set)
@@ -105,3 +108,100 @@ def learning_curve_figure(history: dict, best_iteration: int):
     ax.axvline(best_iteration, color="grey", ls="--", label=f"best: {best_iteration}")
     ax.set(xlabel="boosting round", ylabel="log loss", title="Early stopping on val"); ax.legend()
     return fig
+
+# %% ../nbs/12_train.ipynb #a4246e47
+TRAIN_ENGINES = ("local", "dask")  # params.yaml train.engine
+
+class ClusterError(RuntimeError):
+    "`train.engine: dask` without a Dask cluster to train on."
+
+def engine_client(engine: str, address: str | None = None, timeout: float = 60):
+    "None for `train.engine: local`; for `dask`, a client of the scheduler `dask_client` reaches, once it has a worker."
+    if engine not in TRAIN_ENGINES: raise ValueError(f"train.engine is {engine!r}: use one of {TRAIN_ENGINES}")
+    if engine == "local": return None
+    try: client = dask_client(address)
+    except OSError as e: raise ClusterError(f"train.engine is dask, but the Dask scheduler cannot be reached: {e}") from e
+    if client is None:
+        raise ClusterError("train.engine is dask, but no Dask scheduler is named: set features.scheduler or DASK_SCHEDULER_ADDRESS "
+                           "to tcp://HOST:8786 (`make dask-cluster` starts one on this machine), or train.engine: local")
+    try: client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError as e:
+        address = client.scheduler.address
+        client.close()
+        raise ClusterError(f"the Dask scheduler at {address} has no worker after {timeout:.0f} s") from e
+    return client
+
+# %% ../nbs/12_train.ipynb #9cc38a96
+def scatter_rows(client, X: np.ndarray, y: np.ndarray):
+    "(X, y) as Dask arrays of one block of rows per worker of `client`, each block already held by its worker."
+    import dask.array as da
+    workers = sorted(client.scheduler_info()["workers"])
+    cuts = np.linspace(0, len(y), len(workers) + 1).astype(int)
+    blocks_X, blocks_y = [], []
+    for worker, start, stop in zip(workers, cuts[:-1], cuts[1:]):
+        if stop == start: continue  # more workers than rows
+        # hash=False: keys of their own, not shared with an earlier scatter of the same rows that is being released
+        X_block, y_block = client.scatter([X[start:stop], y[start:stop]], workers=[worker], hash=False)
+        blocks_X.append(da.from_delayed(X_block, (stop - start, X.shape[1]), X.dtype))
+        blocks_y.append(da.from_delayed(y_block, (stop - start,), y.dtype))
+    return da.concatenate(blocks_X), da.concatenate(blocks_y)
+
+# %% ../nbs/12_train.ipynb #7f865840
+def val_losses(booster: lgb.Booster, X: np.ndarray, y: np.ndarray, rows: int = 4096) -> np.ndarray:
+    "Per round k, the log loss summed over (X, y) of the booster's first k rounds (binary objective)."
+    total = np.zeros(booster.num_trees())
+    for start in range(0, len(y), rows):  # a block of rows at a time: rows x rounds floats
+        leaves = booster.predict(X[start:start + rows], pred_leaf=True).astype(np.intp)  # the leaf of each row in each tree
+        values = np.zeros((leaves.shape[1], leaves.max() + 1))
+        for tree, top in enumerate(leaves.max(axis=0)):
+            values[tree, :top + 1] = [booster.get_leaf_output(tree, leaf) for leaf in range(top + 1)]
+        raw = np.cumsum(values[np.arange(leaves.shape[1]), leaves], axis=1)  # raw score after each round
+        labels = y[start:start + rows, None]
+        total += (np.logaddexp(0, raw) - labels * raw).sum(axis=0)
+    return total
+
+# %% ../nbs/12_train.ipynb #bc5c8cdd
+def early_stop(curve, patience: int) -> tuple[int, int | None]:
+    "(best round, rounds seen when `patience` rounds brought no new minimum, or None while they have not)."
+    best = 0
+    for i, loss in enumerate(curve):
+        if loss < curve[best]: best = i
+        elif i - best >= patience: return best + 1, i + 1
+    return best + 1, None
+
+# %% ../nbs/12_train.ipynb #34e7fc3e
+NETWORK_PARAMS = re.compile(r"^\[(machines|local_listen_port): .*\]\n", re.M)  # where this run's workers listened
+
+def train_on_cluster(client, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, cfg: dict,
+                     seed: int, feature_names: list[str] | None = None, progress: str | None = None) -> tuple[lgb.Booster, dict]:
+    "`train_booster` on the Dask cluster of `client`: blocks of `early_stopping_rounds` rounds until `early_stop` says stop."
+    import contextlib, io, warnings
+    from dask import delayed
+    from lightgbm.dask import DaskLGBMClassifier
+    params = {k: v for k, v in lgb_params(cfg, seed).items() if k != "num_threads"}  # each worker uses its own threads
+    order = np.random.default_rng(seed).permutation(len(y_train))  # each worker a sample of all rows, both classes
+    X, y = scatter_rows(client, X_train[order], y_train[order])
+    X_v, y_v = scatter_rows(client, X_val, y_val)  # kept: the blocks live on the workers while these arrays do
+    val_blocks = list(zip(X_v.to_delayed().ravel(), y_v.to_delayed().ravel()))
+    total, patience, booster, trained = cfg["num_boost_round"], cfg["early_stopping_rounds"], None, 0
+    bar = Progress(total, progress, unit="rounds") if progress else None
+    try:
+        while True:
+            rounds = min(patience, total - trained)
+            model = DaskLGBMClassifier(client=client, n_estimators=rounds, **{**params, "seed": seed + trained})
+            # quiet: lightgbm.dask warns that the workers' threads replace n_jobs (as asked above), prints each fit's ports
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored")
+                booster = model.fit(X, y, feature_name=feature_names or "auto", init_model=booster).booster_
+            shared = client.scatter(booster, broadcast=True, hash=False)
+            losses = client.compute([delayed(val_losses)(shared, X_block, y_block) for X_block, y_block in val_blocks])
+            curve = sum(client.gather(losses)) / len(y_val)
+            done, trained = trained, booster.num_trees()
+            if bar: bar.update(trained - done)
+            best, stopped = early_stop(curve, patience)
+            if stopped or trained >= total or trained < done + rounds: break  # fewer trees than asked: no split left
+    finally:
+        if bar: bar.close()
+    booster = lgb.Booster(model_str=NETWORK_PARAMS.sub("", booster.model_to_string()))
+    booster.best_iteration = best
+    return booster, {"val": list(curve[:stopped or len(curve)])}

@@ -55,3 +55,9 @@ def stages(path: Path = DOCKERFILE) -> list[Stage]:
         else:
             result[-1].instructions.append((keyword, args))
     return result
+
+
+def stage(name: str, path: Path = DOCKERFILE) -> Stage:
+    "The stage `FROM ... AS name`."
+    (found,) = [s for s in stages(path) if s.name == name]
+    return found

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from docker.utils.build import exclude_paths
 
-from dockerfile import DOCKERFILE, stages
+from dockerfile import DOCKERFILE, stage, stages
 from promql import ALERTS, SERIES_NAMES, SERVICE_METRICS, alert_rules, dashboard, dashboard_targets, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,20 +60,22 @@ def python_version_tested() -> str:
     return re.search(r"^PYTHON \?= python(\d+\.\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
-def test_both_stages_use_the_python_the_project_tests_on():
+def test_every_stage_uses_the_python_the_project_tests_on():
+    "Each stage starts from the same Python image, or from a stage before it."
     version = python_version_tested()
-    assert [stage.image for stage in stages()] == [f"python:{version}-slim-bookworm"] * 2
+    for i, each in enumerate(stages()):
+        assert each.image == f"python:{version}-slim-bookworm" or each.image in {s.name for s in stages()[:i]}, each
     assert f"python:{version}" in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
 
 
 def test_only_the_serving_set_is_installed():
-    builder, runtime = stages()
+    builder, runtime = stage("builder"), stage("runtime")
     requirement_files = set(re.findall(r"requirements/[\w.-]+", "\n".join(args for _, args in builder.instructions)))
     assert requirement_files == {"requirements/serve.txt"}
     installs = [args for args in builder.args("RUN") if "pip install" in args]
     assert any("-r requirements/serve.txt" in args for args in installs)
     assert any("--no-deps ." in args for args in installs), "the package must not pull dependencies past the lock"
-    assert not [args for args in runtime.args("RUN") if "pip" in args or "requirements" in args]
+    assert not [args for args in runtime.args("RUN") + stage(runtime.image).args("RUN") if "pip" in args or "requirements" in args]
 
 
 def test_serving_set_has_no_research_packages():
@@ -84,7 +86,7 @@ def test_serving_set_has_no_research_packages():
 
 
 def test_runtime_stage_holds_the_venv_and_the_bundle_only():
-    builder, runtime = stages()
+    builder, runtime = stage("builder"), stage("runtime")
     copies = runtime.copies()
     assert ([f"--from={builder.name}"], ["/opt/venv"], "/opt/venv") in copies
     local_sources = {src.rstrip("/") for flags, sources, _ in copies if not flags for src in sources}
@@ -92,7 +94,8 @@ def test_runtime_stage_holds_the_venv_and_the_bundle_only():
 
 
 def test_runtime_stage_runs_catdog_serve_as_a_non_root_user():
-    runtime = stages()[-1]
+    runtime = stage("runtime")
+    assert stages()[-1] == runtime  # the last stage: what `docker build -t catdog .` builds
     (user,) = runtime.args("USER")
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), "a numeric UID lets Kubernetes verify runAsNonRoot"
     assert json.loads(runtime.args("ENTRYPOINT")[0]) == ["catdog", "serve"]
@@ -108,14 +111,14 @@ def test_image_sets_only_the_settings_its_layout_decides():
     "The project root and the bundle the image copies; the other CATDOG_* settings keep their one default."
     env = runtime_env()
     assert {k for k in env if k.startswith("CATDOG_")} == {"CATDOG_ROOT", "CATDOG_MODEL_URI"}
-    (workdir,) = stages()[-1].args("WORKDIR")
-    copied = {f"{workdir}/{dest.rstrip('/')}" for flags, _, dest in stages()[-1].copies() if not flags}
+    (workdir,) = stage("runtime").args("WORKDIR")
+    copied = {f"{workdir}/{dest.rstrip('/')}" for flags, _, dest in stage("runtime").copies() if not flags}
     assert env["CATDOG_MODEL_URI"] in copied and env["CATDOG_ROOT"] == workdir
 
 
 def runtime_env() -> dict[str, str]:
     env = {}
-    for args in stages()[-1].args("ENV"):
+    for args in stage("runtime").args("ENV"):
         env.update(dict(word.split("=", 1) for word in args.split()))
     return env
 
@@ -126,30 +129,70 @@ def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
                  "mlruns/0/meta.yaml", "mlflow.db", "mlartifacts/1/model.pkl", "nbs/00_core.ipynb",
                  "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
                  "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py", "catdog_nb/static/index.html",
-                 "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/dev.txt",
+                 "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/worker.txt", "requirements/dev.txt",
                  "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
     context = {p for p in exclude_paths(str(tmp_path), patterns, dockerfile="Dockerfile") if (tmp_path / p).is_file()}
-    copied = {src.rstrip("/") for stage in stages() for flags, sources, _ in stage.copies() if not flags for src in sources}
+    copied = {src.rstrip("/") for each in stages() for flags, sources, _ in each.copies() if not flags for src in sources}
     expected = {"Dockerfile", "catdog_nb/__init__.py", "catdog_nb/static/index.html", "models/catdog/MLmodel"} | (copied - {"catdog_nb", "models/catdog"})
     assert context == expected
 
 
+def pins(requirements: str) -> dict[str, str]:
+    return dict(line.split("==") for line in (ROOT / "requirements" / requirements).read_text().splitlines()
+                if "==" in line and not line.lstrip().startswith("#"))
+
+
+def test_worker_image_holds_the_worker_set_and_the_package():
+    "Target `worker`: the builder's venv (serving set + package) plus requirements/worker.txt, copied onto the shared base."
+    worker_builder, worker = stage("worker-builder"), stage("worker")
+    assert worker_builder.image == "builder" and worker.image == stage("runtime").image
+    installs = [args for args in worker_builder.args("RUN") if "pip install" in args]
+    assert len(installs) == 1 and "-r requirements/worker.txt" in installs[0]
+    assert worker.copies() == [(["--from=worker-builder"], ["/opt/venv"], "/opt/venv")]  # no bundle, no params.yaml
+    assert not [args for args in worker.args("RUN") if "pip" in args]
+
+
+def test_worker_set_is_the_clients_without_research_packages():
+    "Dask wants the same versions on the client, the scheduler and the workers: pipeline.txt is compiled under worker.txt."
+    worker, pipeline = pins("worker.txt"), pins("pipeline.txt")
+    assert {"dask", "distributed", "lightgbm", "onnxruntime", "pandas", "pyarrow", "scikit-learn", "fsspec", "bokeh"} <= set(worker)
+    assert pins("serve.txt").items() <= worker.items() <= pipeline.items()
+    assert not {name for name in worker if name.lower().startswith(RESEARCH_PACKAGES)}
+
+
+def test_worker_image_runs_dask_worker_as_a_non_root_user():
+    worker = stage("worker")
+    (user,) = worker.args("USER")
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user) and user == stage("runtime").args("USER")[0]
+    assert json.loads(worker.args("ENTRYPOINT")[0]) == ["dask", "worker"]
+    cmd = json.loads(worker.args("CMD")[0])
+    assert cmd[cmd.index("--nworkers") + 1] == "1" and "--no-dashboard" in cmd
+
+
 # --- Kubernetes ---------------------------------------------------------------------------------------------------
 
-MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+DASK = K8S / "dask"  # the Dask cluster of the pipeline: a kustomization of its own
 
 
-def test_kubernetes_manifests_validate():
+def manifests(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+MANIFESTS, DASK_MANIFESTS = manifests(K8S), manifests(DASK)
+
+
+@pytest.mark.parametrize("folder", [K8S, DASK], ids=["k8s", "k8s/dask"])
+def test_kubernetes_manifests_validate(folder):
     "Every manifest against the offline JSON schemas of Kubernetes K8S_VERSION, unknown fields rejected (--strict)."
-    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(K8S / name for name in MANIFESTS))
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *(folder / name for name in manifests(folder)))
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    for name in MANIFESTS:
-        assert re.search(rf"^INFO \S*k8s/{re.escape(name)} passed ", report, re.M), report
+    for name in manifests(folder):
+        assert re.search(rf"^INFO \S*{folder.relative_to(ROOT).as_posix()}/{re.escape(name)} passed ", report, re.M), report
 
 
 def test_kubernetes_validate_rejects_a_mistyped_field(tmp_path):
@@ -186,22 +229,28 @@ def test_deployment_probes_and_replicas(k8s):
     assert all(c[probe]["httpGet"]["port"] == port["name"] for probe in ("livenessProbe", "readinessProbe", "startupProbe"))
 
 
-def test_deployment_runs_locked_down(k8s):
-    pod = k8s["deployment"]["spec"]["template"]["spec"]
-    c = container(k8s)
-    image_uid = int(stages()[-1].args("USER")[0].split(":")[0])
+def assert_locked_down(pod: dict, c: dict, image: str) -> dict[str, str]:
+    """Non-root as the user of the Dockerfile stage `image`, the runtime's seccomp profile, no service-account token (the
+    pods never talk to the Kubernetes API), no privilege, a read-only root, resources set; returns the mounts, all emptyDirs."""
+    image_uid = int(stage(image).args("USER")[0].split(":")[0])
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == image_uid
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["automountServiceAccountToken"] is False  # the service never talks to the Kubernetes API
+    assert pod["automountServiceAccountToken"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     for kind in ("requests", "limits"):
         assert set(c["resources"][kind]) == {"cpu", "memory"}
-    # The only writable places are emptyDirs: /tmp and the prometheus-client multi-process directory.
-    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v and v["emptyDir"].get("sizeLimit")}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert set(mounts.values()) <= empty_dirs
+    return mounts
+
+
+def test_deployment_runs_locked_down(k8s):
+    c = container(k8s)
+    mounts = assert_locked_down(k8s["deployment"]["spec"]["template"]["spec"], c, "runtime")
+    # The only writable places are emptyDirs: /tmp and the prometheus-client multi-process directory.
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     assert set(mounts) == {"/tmp", env["PROMETHEUS_MULTIPROC_DIR"]}
 
@@ -261,6 +310,65 @@ def test_service_hpa_and_pdb_point_at_the_deployment(k8s):
     assert [m["resource"]["name"] for m in k8s["hpa"]["spec"]["metrics"]] == ["cpu"]
     assert k8s["pdb"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert k8s["pdb"]["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+# --- Kubernetes: the Dask cluster (k8s/dask/) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dask_k8s() -> dict[str, dict]:
+    return {p.stem: load_yaml(p) for p in DASK.glob("*.yaml")}
+
+
+def pod_and_container(deployment: dict) -> tuple[dict, dict]:
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    return pod, c
+
+
+def test_dask_kustomization_lists_every_manifest_and_the_worker_image(dask_k8s):
+    kustomization = dask_k8s["kustomization"]
+    assert sorted(kustomization["resources"]) == DASK_MANIFESTS
+    images = {pod_and_container(dask_k8s[name])[1]["image"] for name in ("scheduler-deployment", "worker-deployment")}
+    assert images == {"catdog-worker"} and [i["name"] for i in kustomization["images"]] == ["catdog-worker"]
+
+
+def test_dask_pods_run_locked_down(dask_k8s):
+    scheduler = assert_locked_down(*pod_and_container(dask_k8s["scheduler-deployment"]), "worker")
+    worker = assert_locked_down(*pod_and_container(dask_k8s["worker-deployment"]), "worker")
+    assert set(scheduler) == {"/tmp"} and set(worker) == {"/tmp", "/scratch"}  # /scratch: Dask's local directory
+
+
+def test_dask_scheduler_service_reaches_the_scheduler(dask_k8s):
+    deployment, service = dask_k8s["scheduler-deployment"], dask_k8s["scheduler-service"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    _, c = pod_and_container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"tcp-comm": 8786, "http-dashboard": 8787}
+    assert {p["port"]: p["targetPort"] for p in service["spec"]["ports"]} == {8786: "tcp-comm", 8787: "http-dashboard"}
+    assert c["command"] == ["dask", "scheduler"]
+    assert c["args"][c["args"].index("--port") + 1] == "8786" and c["args"][c["args"].index("--dashboard-address") + 1] == ":8787"
+    assert all(c[probe]["httpGet"] == {"path": "/health", "port": "http-dashboard"} for probe in ("startupProbe", "livenessProbe", "readinessProbe"))
+
+
+def test_dask_workers_find_the_scheduler_and_spill_to_their_emptydir(dask_k8s):
+    deployment, service = dask_k8s["worker-deployment"], dask_k8s["scheduler-service"]
+    pod, c = pod_and_container(deployment)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["DASK_SCHEDULER_ADDRESS"] == f"tcp://{service['metadata']['name']}:8786"
+    assert "command" not in c  # the image's entrypoint, `dask worker`
+    args, image_cmd = c["args"], json.loads(stage("worker").args("CMD")[0])
+    assert args[:len(image_cmd)] == image_cmd  # the image's own arguments, then the cluster's
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert args[args.index("--local-directory") + 1] in mounts  # spilled data and lock files on an emptyDir
+    (http,) = c["ports"]
+    assert args[args.index("--dashboard-address") + 1] == f":{http['containerPort']}"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": http["name"]}
+    # requests equal to limits: Dask sizes its threads and memory limit from the container's limits
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
 # --- Prometheus -----------------------------------------------------------------------------------------------------
@@ -361,3 +469,4 @@ def test_workflow_tests_then_builds_and_smoke_tests_the_image():
     image_steps = " ".join(step.get("run", "") for step in jobs["image"]["steps"])
     assert "docker build" in image_steps
     assert "http://127.0.0.1:8000/health" in image_steps and "http://127.0.0.1:8000/predict" in image_steps
+    assert "--target worker" in image_steps and "DASK_SCHEDULER_ADDRESS=" in image_steps  # the Dask image joins a scheduler

@@ -1,21 +1,16 @@
 """The serving set alone is enough: a fresh venv gets requirements/serve.txt and the package, installed from the files
 the Dockerfile's builder stage copies, as the image does (`pip install --no-deps .`; uv here, for speed)."""
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from dockerfile import stages
 from servers import free_port, running
+from venvs import build_venv, installed, outside_env, pinned, run_in
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx",
                      "torch", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
@@ -25,43 +20,14 @@ SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.e
 pytestmark = pytest.mark.timeout(900)
 
 
-def outside_env() -> dict[str, str]:
-    "The environment without the developer's venv and PYTHONPATH, which would import the work tree's catdog_nb/."
-    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-
-
 @pytest.fixture(scope="module")
 def serve_venv(tmp_path_factory) -> Path:
     "A venv holding the serving set and the package, built from a copy of the builder stage's build context."
-    tmp = tmp_path_factory.mktemp("serve-install")
-    context = tmp / "context"
-    for flags, sources, _ in stages()[0].copies():
-        for source in sources:
-            src, dest = ROOT / source, context / source
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir(): shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
-            else: shutil.copy(src, dest)
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    env = outside_env()
-    for args in (["-r", context / "requirements" / "serve.txt"], ["--no-deps", context]):
-        subprocess.run([BIN / "uv", "pip", "install", "--quiet", "--python", venv / "bin" / "python", *args],
-                       check=True, env=env, timeout=600)
-    return venv
-
-
-def run_in(venv: Path, *cmd) -> subprocess.CompletedProcess:
-    "Run outside the work tree, so `python -c` cannot import the repository's catdog_nb/ instead of the installed one."
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=venv.parent,
-                          env=outside_env())
+    return build_venv(tmp_path_factory.mktemp("serve-install"), ["builder"], "serve.txt")
 
 
 def test_venv_holds_exactly_the_serving_set(serve_venv):
-    frozen = run_in(serve_venv, BIN / "uv", "pip", "freeze", "--python", serve_venv / "bin" / "python").stdout
-    installed = {re.split(r"==| @ ", line)[0].lower() for line in frozen.splitlines() if line.strip()}
-    pinned = {line.split("==")[0].strip().lower() for line in (ROOT / "requirements" / "serve.txt").read_text().splitlines()
-              if "==" in line and not line.lstrip().startswith("#")}
-    assert installed == pinned | {"catdog-nb"}
+    assert installed(serve_venv) == pinned("serve.txt") | {"catdog-nb"}
 
 
 def test_serving_modules_import_without_research_packages(serve_venv):
