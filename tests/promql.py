@@ -17,6 +17,7 @@ SERVICE_METRICS = {
     "catdog_batch_size": "histogram",
     "catdog_predictions_total": "counter",
     "catdog_prediction_confidence": "histogram",
+    "catdog_prediction_animal": "histogram",
     "catdog_requests_in_flight": "gauge",
     "catdog_model_info": "gauge",
 }
