@@ -1,4 +1,4 @@
-"""Stage `features` on a real Dask cluster (tests/clusters.py: `dask scheduler` and `dask worker` processes on
+"""Stage `features` on a real Dask cluster (`extract.local_dask_cluster`: `dask scheduler` and `dask worker` processes on
 loopback): the same tables as the local processes, in the same order, filling the same cache, with images read by
 path, by file:// URL and by http:// URL; complete and equal also when a worker is killed mid-run. And `make
 dask-cluster`'s command: a cluster on loopback that Ctrl-C stops entirely."""
@@ -25,7 +25,7 @@ from catdog_nb.core import load_params, project_root
 from catdog_nb.data import sample_photos
 from catdog_nb.extract import extract_features
 from catdog_nb.features import FeatureExtractor
-from clusters import dask_cluster
+from catdog_nb.extract import local_dask_cluster
 from servers import free_port
 
 ROOT = project_root()
@@ -103,7 +103,7 @@ def tasks_by_worker(client, since: float, names: dict[str, str]) -> dict[str, li
 
 def test_two_workers_give_the_local_tables_and_fill_the_cache(tmp_path, rows, extractor, local):
     n_tasks = -(-(2 * PER_CLASS + 1) // BATCH)  # the unique images (the photos and the corrupt file) in tasks of BATCH
-    with dask_cluster(tmp_path, workers=2) as cluster, Client(cluster.address) as client:
+    with local_dask_cluster(2, logs=tmp_path) as cluster, Client(cluster.address) as client:
         names, start = worker_names(client), time.time()
         client.get_task_stream(start=start)  # the scheduler records the task stream from now on
         result = extract_features(rows, extractor, tmp_path / "cache", root=ROOT, progress=False, client=client)
@@ -119,7 +119,7 @@ def test_two_workers_give_the_local_tables_and_fill_the_cache(tmp_path, rows, ex
 
 
 def test_a_worker_killed_mid_run_loses_nothing(tmp_path, rows, extractor, local):
-    with dask_cluster(tmp_path, workers=2) as cluster, Client(cluster.address) as client:
+    with local_dask_cluster(2, logs=tmp_path) as cluster, Client(cluster.address) as client:
         names, start = worker_names(client), time.time()
         victim = next(address for address, name in names.items() if name == "worker-0")
         client.get_task_stream(start=start)
@@ -132,7 +132,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, rows, extractor, local)
                 held = client.processing(workers=[victim]).get(victim, [])
                 if held and tasks_by_worker(client, start, names).get("worker-0"): break
                 time.sleep(0.1)
-            os.killpg(cluster.workers[0].pid, signal.SIGKILL)
+            os.killpg(cluster.processes[1].pid, signal.SIGKILL)
             assert not run.done()
             result = run.result(timeout=300)
         ran = tasks_by_worker(client, start, names)

@@ -1,5 +1,5 @@
 """Stage `train` with `train.engine: dask` on a real Dask cluster: a `dask scheduler` and two `dask worker` processes on
-loopback (tests/clusters.py), and feature tables extracted here from 600 real photos by the project's FeatureExtractor
+loopback (`extract.local_dask_cluster`), and feature tables extracted here from 600 real photos by the project's FeatureExtractor
 (the Lite0 embedding: seconds to extract, a model in the high nineties).
 
 How close to the local engine: the issue asks for 0.2 points of val accuracy on the pipeline's 1,800 val photos, about
@@ -31,7 +31,7 @@ from catdog_nb.features import FeatureExtractor, feature_settings
 from catdog_nb.metrics import classification_metrics
 from catdog_nb.predict import Classifier
 from catdog_nb.train import ClusterError, engine_client, load_dataset, predict_proba, scatter_rows, split_xy, train_booster
-from clusters import dask_cluster
+from catdog_nb.extract import local_dask_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURE_SET = "lite0"
@@ -75,7 +75,7 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with dask_cluster(tmp_path_factory.mktemp("dask"), workers=2) as running:
+    with local_dask_cluster(2, logs=tmp_path_factory.mktemp("dask")) as running:
         yield running
 
 
@@ -142,8 +142,8 @@ def test_cluster_training_stops_early_on_the_whole_val_split(cluster, tables):
 
 def test_a_cluster_without_workers_is_a_clear_error(tmp_path):
     "Its workers gone (here the only one, killed as a lost machine would be), the stage gets a clear error, not an endless wait."
-    with dask_cluster(tmp_path, workers=1) as cluster:
-        os.killpg(cluster.workers[0].pid, signal.SIGKILL)  # its own session: the worker process and its nanny
+    with local_dask_cluster(1, logs=tmp_path) as cluster:
+        os.killpg(cluster.processes[1].pid, signal.SIGKILL)  # its own session: the worker process and its nanny
         with Client(cluster.address) as client:
             deadline = time.monotonic() + 60
             while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.workers)) and time.monotonic() < deadline:
