@@ -10,7 +10,7 @@ Docs: https://catdog.github.io/catdog/compare.html.md"""
 
 # %% ../nbs/14_compare.ipynb #2fed6e51
 from __future__ import annotations
-import json, math
+import functools, json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -32,13 +32,18 @@ def cv_rows(manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
     return manifest[manifest["split"].isin(CV_SPLITS)].reset_index(drop=True)
 
 # %% ../nbs/14_compare.ipynb #8bf7e8e3
-def cv_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    "The fold (0 .. `folds`-1) of each row: stratified by `y`, rows of one group together, shuffled by `seed`."
+@functools.lru_cache(maxsize=8)  # every variant of a comparison has the same rows, so the same folds
+def _folds(y: tuple, groups: tuple, folds: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedGroupKFold
     fold = np.full(len(y), -1)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(y)), y, groups)): fold[held_out] = k
+    for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(y)), np.array(y), np.array(groups))): fold[held_out] = k
     return fold
+
+def cv_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    "The fold (0 .. `folds`-1) of each row: stratified by `y`, rows of one group together, shuffled by `seed`."
+    # computed once per rows, folds and seed: StratifiedGroupKFold takes seconds on 10,000 groups
+    return _folds(tuple(np.asarray(y).tolist()), tuple(np.asarray(groups).tolist()), folds, seed).copy()
 
 # %% ../nbs/14_compare.ipynb #f0ace8e8
 def out_of_fold(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: dict, seed: int, folds: int,
