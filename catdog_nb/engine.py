@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'normalise_into',
-           'imagenet_batch', 'Engine', 'share_exact_arena', 'OnnxRuntimeEngine', 'OpenCVEngine', 'check_engine',
-           'load_engine']
+__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'check_images',
+           'normalise_into', 'imagenet_batch', 'Engine', 'share_exact_arena', 'OnnxRuntimeEngine', 'OpenCVEngine',
+           'check_engine', 'load_engine']
 
 # %% ../nbs/03_engine.ipynb #4ad7f3fe
 def available_cores() -> int:
@@ -39,11 +39,13 @@ def center_square(image: np.ndarray) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 # %% ../nbs/03_engine.ipynb #fd0ba990
-def _check_image(i: int, image) -> None:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            and min(image.shape[:2]) > 0):
-        raise ValueError(f"image {i}: expected a non-empty H x W x 3 uint8 BGR array (decode_image's output), "
-                         f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+def check_images(images: Sequence) -> None:
+    "ValueError naming the first of `images` that is not a non-empty H x W x 3 uint8 BGR array (`decode_image`'s output)."
+    for i, image in enumerate(images):
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+                and min(image.shape[:2]) > 0):
+            raise ValueError(f"image {i}: expected a non-empty H x W x 3 uint8 BGR array (decode_image's output), "
+                             f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
 
 def normalise_into(square: np.ndarray, out: np.ndarray) -> None:
     "A BGR uint8 `size x size` square -> `out` (`3 x size x size` float32): RGB, ImageNet-normalised, one lookup per channel."
@@ -53,9 +55,9 @@ def normalise_into(square: np.ndarray, out: np.ndarray) -> None:
 def imagenet_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     "BGR uint8 photos (any sizes) -> the backbone's input: `N x 3 x size x size` float32, RGB, ImageNet-normalised."
     if len(images) == 0: raise ValueError("imagenet_batch needs at least one image")
+    check_images(images)
     batch = np.empty((len(images), 3, size, size), np.float32)
     for i, image in enumerate(images):
-        _check_image(i, image)
         normalise_into(cv2.resize(center_square(image), (size, size), interpolation=cv2.INTER_AREA), batch[i])
     return batch
 

@@ -15,9 +15,9 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .backbone import (BACKBONE_INPUT_SIZES, EMBEDDING_NAME, LOGITS_NAME, SIDE_RANGE, backbone_paths,
-                                backbone_variant, input_size, is_backbone_set)
-from .engine import ENGINES, center_square, check_engine, imagenet_batch, load_engine
+from .backbone import (EMBEDDING_NAME, LOGITS_NAME, backbone_paths, backbone_variant, input_size,
+                                is_backbone_set)
+from .engine import ENGINES, center_square, check_engine, check_images, imagenet_batch, load_engine
 
 # %% auto #0
 __all__ = ['SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'DOG_CLASSES',
@@ -40,9 +40,12 @@ def check_sets(sets) -> tuple[str, ...]:
     "The feature sets as a tuple, in the order given; a string is split on commas."
     if isinstance(sets, str): sets = [s.strip() for s in sets.split(",") if s.strip()]
     sets = tuple(sets)
-    if not sets or len(set(sets)) != len(sets) or not all(s == "classic" or is_backbone_set(s) for s in sets):
-        raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats of classic and backbone "
-                                   f"sets, <variant> or <variant>@<side> (variants {list(BACKBONE_INPUT_SIZES)}, sides {SIDE_RANGE})")
+    if not sets or len(set(sets)) != len(sets):
+        raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats")
+    for s in sets:
+        if s == "classic": continue
+        try: backbone_variant(s)  # its ValueError names the forms a backbone set takes
+        except ValueError as e: raise FeatureSettingsError(f"feature set {s!r} is neither classic nor a backbone set: {e}") from None
     return sets
 
 # %% ../nbs/05_features.ipynb #69d73543
@@ -278,18 +281,12 @@ def _deep(self: FeatureExtractor, images: list[np.ndarray], name: str, animal: b
     return out, scores
 
 # %% ../nbs/05_features.ipynb #3bba620c
-def _check_images(images: list) -> None:
-    for i, image in enumerate(images):
-        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) > 0):
-            raise ValueError(f"image {i}: expected a non-empty H x W x 3 uint8 BGR array (decode_image's output), "
-                             f"got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-
 @patch
 def _transform(self: FeatureExtractor, images: list[np.ndarray], sets, animal: bool) -> tuple[dict, np.ndarray | None]:
     "`transform_sets`, and with `animal` the `animal_probability` of each image from `animal_set` (None without a backbone)."
     sets = check_sets(sets) if sets is not None else self.sets
     if not set(sets) <= set(self.sets): raise FeatureSettingsError(f"this extractor computes {self.sets}, not {sets}")
-    _check_images(images)
+    check_images(images)
     want = self.animal_set if animal and self.animal_set in sets else None
     out, scores = {}, np.empty(0, np.float32) if want else None
     with self._lock:
