@@ -10,17 +10,18 @@ Docs: https://catdog.github.io/catdog/compare.html.md"""
 
 # %% ../nbs/14_compare.ipynb #2fed6e51
 from __future__ import annotations
-import functools, json, math
+import functools, itertools, json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import get_logger
 from .metrics import classification_metrics, image_log_losses, standard_errors
-from .train import load_dataset, predict_proba, train_booster
+from .train import LGB_KEYS, load_dataset, predict_proba, train_booster
 
 # %% auto #0
-__all__ = ['CV_SPLITS', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics', 'paired_difference', 'graph_macs',
-           'variant_gmacs', 'evaluate_variant', 'compare_variants', 'choose_variant', 'write_comparison',
+__all__ = ['CV_SPLITS', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics', 'paired_difference',
+           'graph_macs', 'variant_gmacs', 'evaluate_variant', 'cross_validate', 'compare_variants', 'choose_variant',
+           'search_grid', 'search_settings', 'choose_settings', 'write_comparison', 'search_summary',
            'comparison_figure']
 
 # %% ../nbs/14_compare.ipynb #911b13db
@@ -122,13 +123,13 @@ def evaluate_variant(sets: list[str], cfg: dict, seed: int, folds: int, manifest
     return result, pd.DataFrame({"y": y, "p": p}, index=pd.Index(frame["md5"], name="md5"))
 
 # %% ../nbs/14_compare.ipynb #d5080fa5
-def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds: int, manifest, features_dir, backbone_dir,
-                     run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(one row per variant: `sets`, `gmacs` and `evaluate_variant`'s figures; `y` and each variant's out-of-fold `p` by md5)."
-    log, rows, oof = get_logger("catdog.compare"), {}, None
-    costs = {name: variant_gmacs(sets, backbone_dir) for name, sets in variants.items()}
-    for name, sets in variants.items():
-        label = f"compare {name}" if progress else None
+def cross_validate(runs: dict[str, tuple[list[str], dict]], seed: int, folds: int, manifest, features_dir,
+                   run_tags: dict | None = None, progress: str | None = None) -> tuple[dict[str, dict], pd.DataFrame]:
+    """(name -> `evaluate_variant`'s figures; `y` and each run's out-of-fold `p` by md5) of runs (feature sets, `train:`
+    settings), each in a nested MLflow run of its own with its settings and figures if `run_tags` is given."""
+    log, results, oof = get_logger("catdog.compare"), {}, None
+    for name, (sets, cfg) in runs.items():
+        label = f"{progress} {name}" if progress else None
         if run_tags is None: result, p = evaluate_variant(sets, cfg, seed, folds, manifest, features_dir, label)
         else:
             import mlflow
@@ -136,12 +137,21 @@ def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds
                 result, p = evaluate_variant(sets, cfg, seed, folds, manifest, features_dir, label)
                 mlflow.log_params({**{f"train.{k}": v for k, v in cfg.items()}, "seed": seed, "compare.folds": folds,
                                    "features.sets": ",".join(sets)})
-                mlflow.log_metrics({**result, "gmacs": costs[name]})
+                mlflow.log_metrics(result)
         if oof is None: oof = p[["y"]].copy()
-        if not p.index.equals(oof.index): raise ValueError(f"variant {name} was scored on other rows than the first variant")
-        oof[name] = p["p"]
-        rows[name] = {"sets": "+".join(sets), "gmacs": costs[name], **result}
-        log.info("%s %s", name, {k: v for k, v in rows[name].items() if k.startswith(("gmacs", "cv_"))})
+        if not p.index.equals(oof.index): raise ValueError(f"{name} was scored on other rows than {oof.columns[1]}")
+        oof[name], results[name] = p["p"], result
+        log.info("%s %s", name, {k: v for k, v in result.items() if k.startswith("cv_")})
+    return results, oof
+
+def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds: int, manifest, features_dir, backbone_dir,
+                     run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(one row per variant: `sets`, `gmacs` and `evaluate_variant`'s figures; `y` and each variant's out-of-fold `p` by md5)."
+    costs = {name: variant_gmacs(sets, backbone_dir) for name, sets in variants.items()}  # a missing graph fails first
+    if run_tags is not None: run_tags = {**run_tags, "search": "variants"}
+    results, oof = cross_validate({name: (sets, cfg) for name, sets in variants.items()}, seed, folds, manifest, features_dir,
+                                  run_tags, "compare" if progress else None)
+    rows = {name: {"sets": "+".join(sets), "gmacs": costs[name], **results[name]} for name, sets in variants.items()}
     return pd.DataFrame.from_dict(rows, orient="index"), oof
 
 # %% ../nbs/14_compare.ipynb #cd35d199
@@ -156,19 +166,63 @@ def choose_variant(table: pd.DataFrame, oof: pd.DataFrame, max_gmacs: float) -> 
     paired = {name: paired_difference(oof["y"], oof[name], oof[chosen]) for name in table.index}
     return table.join(pd.DataFrame.from_dict(paired, orient="index")), chosen
 
+# %% ../nbs/14_compare.ipynb #ad45a731
+def search_grid(space: dict[str, list], trials: int, seed: int) -> list[dict]:
+    "`trials` settings drawn without replacement from the grid `space` (a LightGBM key of `train:` -> the values to try), by `seed`."
+    unknown = [k for k in space if k not in LGB_KEYS or k == "num_threads"]
+    if unknown: raise ValueError(f"compare.search.space keys {unknown} are not LightGBM settings of train: {LGB_KEYS[:-1]}")
+    grid = list(itertools.product(*space.values()))
+    return [dict(zip(space, grid[i])) for i in np.random.default_rng(seed).permutation(len(grid))[:trials]]
+
+# %% ../nbs/14_compare.ipynb #f6effeff
+def search_settings(sets: list[str], cfg: dict, space: dict[str, list], trials: int, seed: int, folds: int, manifest, features_dir,
+                    run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per trial: its settings of `space` and `evaluate_variant`'s figures, `current` (`cfg` as it is) first;
+    `y` and each trial's out-of-fold `p` by md5) for the feature sets `sets`."""
+    current = {k: cfg[k] for k in space}
+    drawn = [s for s in search_grid(space, trials, seed) if s != current]  # `current` is scored once
+    settings = {"current": current, **{f"trial {i + 1}": s for i, s in enumerate(drawn)}}
+    if run_tags is not None: run_tags = {**run_tags, "search": "lightgbm"}
+    results, oof = cross_validate({name: (sets, {**cfg, **s}) for name, s in settings.items()}, seed, folds, manifest,
+                                  features_dir, run_tags, "search" if progress else None)
+    return pd.DataFrame.from_dict({name: {**settings[name], **results[name]} for name in settings}, orient="index"), oof
+
+# %% ../nbs/14_compare.ipynb #68a89f02
+MIN_GAIN_SE = 2.0  # the search rule's margin: paired standard errors a trial must beat `current` by
+
+def choose_settings(table: pd.DataFrame, oof: pd.DataFrame, min_gain_se: float = MIN_GAIN_SE) -> tuple[pd.DataFrame, str]:
+    """(`table` with each trial's `paired_difference` from the best trial, as `*_vs_best`; the trial whose settings
+    `train:` should take): the lowest CV log loss if it beats `current` by more than `min_gain_se` standard errors."""
+    best = table["cv_log_loss"].idxmin()  # ties: the first, `current`
+    paired = {name: {k.replace("chosen", "best"): v for k, v in paired_difference(oof["y"], oof[name], oof[best]).items()}
+              for name in table.index}
+    table = table.join(pd.DataFrame.from_dict(paired, orient="index"))
+    gain, se = table.loc["current", "log_loss_vs_best"], table.loc["current", "log_loss_vs_best_se"]
+    return table, best if gain > min_gain_se * se else "current"
+
 # %% ../nbs/14_compare.ipynb #09bc1dcf
 COMPARE_COLUMNS = ["n_features", "mean_best_iteration", "gmacs", "within_budget", "cv_accuracy", "cv_accuracy_se", "cv_log_loss",
                    "cv_log_loss_se", "cv_roc_auc", "log_loss_vs_chosen", "log_loss_vs_chosen_se", "accuracy_vs_chosen",
                    "accuracy_vs_chosen_se"]
 
-def write_comparison(table: pd.DataFrame, chosen: str, rule: dict, metrics_file: Path | str, plot_file: Path | str) -> None:
-    "`{'chosen', 'rule', 'variants'}` to `metrics_file` (JSON; `rule`: the choice's inputs) and one row per variant to `plot_file` (CSV)."
-    plain = lambda v: v.item() if hasattr(v, "item") else v  # numpy scalars as JSON numbers and booleans
-    metrics = {name: {"sets": row["sets"], **{k: plain(row[k]) for k in COMPARE_COLUMNS}} for name, row in table.iterrows()}
-    Path(metrics_file).write_text(json.dumps({"chosen": chosen, "rule": rule, "variants": metrics}, indent=2) + "\n")
+def _plain(v): return v.item() if hasattr(v, "item") else v  # numpy scalars as JSON numbers and booleans
+
+def write_comparison(table: pd.DataFrame, chosen: str, rule: dict, metrics_file: Path | str, plot_file: Path | str,
+                     search: dict | None = None) -> None:
+    """`{'chosen', 'rule', 'variants'}` to `metrics_file` (JSON; `rule`: the choice's inputs), with `search` if given
+    (`search_summary`), and one row per variant to `plot_file` (CSV)."""
+    metrics = {name: {"sets": row["sets"], **{k: _plain(row[k]) for k in COMPARE_COLUMNS}} for name, row in table.iterrows()}
+    out = {"chosen": chosen, "rule": rule, "variants": metrics} | ({"search": search} if search else {})
+    Path(metrics_file).write_text(json.dumps(out, indent=2) + "\n")
     Path(plot_file).parent.mkdir(parents=True, exist_ok=True)
     table.rename_axis("variant").reset_index()[["variant", "sets", *COMPARE_COLUMNS]].to_csv(
         plot_file, index=False, float_format="%.6f", lineterminator="\n")
+
+def search_summary(trials: pd.DataFrame, picked: str, variant: str, space: dict, rule: dict) -> dict:
+    "compare.json's `search`: the searched variant, the rule's inputs, the picked trial and its settings, every trial's figures."
+    figures = ["cv_accuracy", "cv_accuracy_se", "cv_log_loss", "cv_log_loss_se", "mean_best_iteration", "log_loss_vs_best", "log_loss_vs_best_se"]
+    return {"variant": variant, "rule": rule, "picked": picked, "settings": {k: _plain(trials.loc[picked, k]) for k in space},
+            "trials": {name: {k: _plain(trials.loc[name, k]) for k in [*space, *figures]} for name in trials.index}}
 
 # %% ../nbs/14_compare.ipynb #35aeb46c
 def comparison_figure(table: pd.DataFrame, chosen: str, max_gmacs: float):
