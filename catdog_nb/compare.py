@@ -169,8 +169,9 @@ def choose_variant(table: pd.DataFrame, oof: pd.DataFrame, max_gmacs: float) -> 
 # %% ../nbs/14_compare.ipynb #ad45a731
 def search_grid(space: dict[str, list], trials: int, seed: int) -> list[dict]:
     "`trials` settings drawn without replacement from the grid `space` (a LightGBM key of `train:` -> the values to try), by `seed`."
-    unknown = [k for k in space if k not in LGB_KEYS or k == "num_threads"]
-    if unknown: raise ValueError(f"compare.search.space keys {unknown} are not LightGBM settings of train: {LGB_KEYS[:-1]}")
+    searchable = [k for k in LGB_KEYS if k != "num_threads"]  # the thread count changes speed, not the model
+    unknown = [k for k in space if k not in searchable]
+    if unknown: raise ValueError(f"compare.search.space keys {unknown} are not LightGBM settings of train: {searchable}")
     grid = list(itertools.product(*space.values()))
     return [dict(zip(space, grid[i])) for i in np.random.default_rng(seed).permutation(len(grid))[:trials]]
 
