@@ -237,6 +237,7 @@ def tracking_server_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="make tracking-server", description="MLflow on a throwaway PostgreSQL, on loopback")
     parser.add_argument("--port", type=int, default=5000, help="the MLflow server's port on 127.0.0.1")
     port = parser.parse_args(argv).port
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C, even where the shell started us ignoring it
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
     try:
         with tempfile.TemporaryDirectory(prefix="catdog-mlflow-") as folder, tracking_server(folder, port) as server:
