@@ -128,8 +128,17 @@ bench-dask: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro -q backbone  # up to date: nothing to do
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" dask $(BENCH_ARGS)
 
+# The serving set alone in a venv of its own, installed as the image installs it (the package without its
+# dependencies, bytecode compiled as pip compiles it): what a deployment carries, whose size bench-serve prints.
+SERVE_VENV := .venv-serve
+$(SERVE_VENV)/.serve: requirements/serve.txt pyproject.toml $(wildcard catdog_nb/*.py) | $(BIN)/uv
+	$(PYTHON) -m venv --without-pip $(SERVE_VENV)
+	$(UV) pip install --python $(SERVE_VENV)/bin/python -q --compile-bytecode -r requirements/serve.txt
+	$(UV) pip install --python $(SERVE_VENV)/bin/python -q --compile-bytecode --no-deps --reinstall-package catdog_nb .
+	touch $@
+
 # The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
-bench-serve: $(VENV)/.pipeline data/raw
+bench-serve: $(VENV)/.pipeline data/raw $(SERVE_VENV)/.serve
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
 
 # A live service under 10,000 mixed good and hostile requests at concurrency 16: 5xx, latency, memory (catdog_nb.soak).
