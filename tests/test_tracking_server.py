@@ -165,7 +165,9 @@ def test_ctrl_c_stops_both_servers_and_leaves_nothing_behind(team_server):
     assert {"postgres", "mlflow"} <= {word for p in family for word in re.findall(r"postgres|mlflow", " ".join(p.cmdline()))}
     os.killpg(proc.pid, signal.SIGINT)
     # bounded by the command's own stop: up to 30 s of grace for mlflow, then 30 s for PostgreSQL, then cleanup
-    assert proc.wait(120) == 0, log_tail(team_server["log"])
+    try: status = proc.wait(120)
+    except subprocess.TimeoutExpired: pytest.fail(f"still running 120 s after Ctrl-C:\n{log_tail(team_server['log'])}")
+    assert status == 0, log_tail(team_server["log"])
     assert psutil.wait_procs(family, timeout=10)[1] == []  # none left, postgres's own children included
     socket_dir = Path(team_server["database"].split("host=")[1])
     assert not socket_dir.exists() and not team_server["artifacts"].exists()
