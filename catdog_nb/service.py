@@ -49,7 +49,7 @@ class Settings:
     engine: str = field(default_factory=default_engine)
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_batch: int = 16
+    max_batch: int = 4
     max_wait_ms: float = 5.0
     workers: int = 1
     log_level: str = "INFO"
@@ -81,7 +81,7 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
     return cls(**values)
 
 # %% ../nbs/18_service.ipynb #05d6603a
-MODEL_BASE_MIB = 480  # one worker with the Lite2 bundle, warmed up, a full batch in flight
+MODEL_BASE_MIB = 490  # one worker with the served bundle, warmed up, a full batch in flight
 
 def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> float:
     "Worst-case resident memory of one worker, in MiB: the model, plus all that the limits let requests hold at once."
