@@ -363,6 +363,12 @@ def test_upload_page_in_headless_chromium(server, training_photos, tmp_path):
     not_a_photo = tmp_path / "notes.jpg"
     not_a_photo.write_text("not a photo")
     screenshot = tmp_path / "upload-page.png"
+    # a cat photo the service does not flag (about 1 in 150 dataset photos is: nbs/05_features.ipynb), for the note's absence
+    with httpx.Client(base_url=server["url"], timeout=60) as c:
+        def unflagged(photo: Path) -> bool:
+            answer = c.post("/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
+            return answer["animal"] >= ANIMAL_THRESHOLD
+        cat = next(photo for photo in training_photos[:10] if photo.parent.name == "cat" and unflagged(photo))
     with sync_playwright() as p:
         browser = launch(p)
         try:
@@ -370,12 +376,12 @@ def test_upload_page_in_headless_chromium(server, training_photos, tmp_path):
             external = []
             page.on("request", lambda r: external.append(r.url) if not r.url.startswith(server["url"]) and not r.url.startswith("blob:") else None)
             page.goto(server["url"] + "/")
-            for photo, label in [(training_photos[-1], "dog"), (training_photos[0], "cat")]:
+            for photo, label in [(training_photos[-1], "dog"), (cat, "cat")]:
                 page.set_input_files("#file", str(photo))
                 page.wait_for_function(f"document.getElementById('label').textContent === '{label}'", timeout=30_000)
                 confidence = page.text_content("#confidence")
                 assert confidence.endswith("%") and 50 <= float(confidence[:-1]) <= 100
-            assert page.text_content("#note") == ""  # a cat: no warning
+            assert page.text_content("#note") == ""  # a cat the service does not flag: no warning
             page.wait_for_function("document.getElementById('preview').complete", timeout=30_000)
             page.screenshot(path=screenshot)
             print(f"screenshot of the upload page with a result: {screenshot}")
