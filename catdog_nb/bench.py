@@ -8,12 +8,12 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 
 # %% ../nbs/19_bench.ipynb #8037e893
 from __future__ import annotations
-import argparse, asyncio, hashlib, json, os, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, functools, hashlib, json, os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
-from .backbone import backbone_path, convert_backbone, input_size, is_backbone_set
+from .backbone import backbone_path, calibration_photos, convert_backbone, input_size, is_backbone_set, is_int8, runs_on
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -47,10 +47,10 @@ def engine_speed(path: Path | str, size: int, engine: str, threads: int, batch_s
     return batch_size / float(np.median(seconds))
 
 def bench_engines(backbones: dict[str, Path], threads=(1, 2), engines=ENGINES, batch_size: int = 16, rounds: int = 6) -> list[dict]:
-    "`engine_speed` of each backbone (`{variant: onnx file}`), thread count and engine."
+    "`engine_speed` of each backbone (`{variant: onnx file}`), thread count and engine (of those that run it: `runs_on`)."
     return [{"variant": variant, "threads": t, "engine": engine,
              "img_s": engine_speed(path, input_size(variant), engine, t, batch_size, rounds)}
-            for variant, path in backbones.items() for t in threads for engine in engines]
+            for variant, path in backbones.items() for t in threads for engine in engines if runs_on(variant, engine)]
 
 # %% ../nbs/19_bench.ipynb #b95aa3c4
 PROFILE_STEPS = ("decode", "square crop", "resize", "normalise", "forward", "booster")
@@ -105,7 +105,8 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
     results = []
     for variant in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
         deep = any(map(is_backbone_set, variant))
-        for engine in engines if deep else [None]:  # the classic descriptors run no network
+        usable = [e for e in engines if all(runs_on(s, e) for s in variant if is_backbone_set(s))]  # cv2.dnn runs no INT8 set
+        for engine in usable if deep else [None]:  # the classic descriptors run no network
             overrides = {"batch_size": batch_size} if batch_size else {}
             if engine: overrides["engine"] = engine
             extractor = FeatureExtractor.from_params(params, sets=variant, root=root, **overrides)
@@ -313,10 +314,11 @@ def print_serve(results: list[dict], load_before: str, serve_venv: Path | None =
 
 # %% ../nbs/19_bench.ipynb #5b92374f
 def _backbone_files(variants, params: dict, root: Path) -> dict[str, Path]:
-    "`{variant: onnx file}` from `backbone.dir`, converting the missing ones into a temporary folder."
+    "`{variant: onnx file}` from `backbone.dir`, converting the missing ones into a temporary folder (INT8: calibrated as the stage does)."
     files = {v: backbone_path(v, root / params["backbone"]["dir"]) for v in variants}
     scratch = Path(tempfile.mkdtemp(prefix="catdog-backbones-"))
-    return {v: f if f.is_file() else convert_backbone(v, scratch / f.name) for v, f in files.items()}
+    calibration = functools.cache(lambda: calibration_photos(params["data"]["manifest"], params["backbone"]["calibration"], params["seed"]))
+    return {v: f if f.is_file() else convert_backbone(v, scratch / f.name, calibration() if is_int8(v) else None) for v, f in files.items()}
 
 def print_engines(results: list[dict], load_before: str, batch_size: int) -> None:
     print(f"engines alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")

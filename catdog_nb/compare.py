@@ -14,6 +14,7 @@ import functools, itertools, json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from .backbone import is_backbone_set, is_int8
 from .core import get_logger
 from .metrics import classification_metrics, image_log_losses, standard_errors
 from .train import LGB_KEYS, load_dataset, predict_proba, train_booster
@@ -89,6 +90,8 @@ def graph_macs(path: Path | str) -> int:
     per_image = lambda v: [1, *(d.dim_value for d in v.type.tensor_type.shape.dim[1:])]  # the batch axis is 1
     shapes = {v.name: per_image(v) for v in (*graph.input, *graph.value_info, *graph.output)}
     shapes |= {t.name: list(t.dims) for t in graph.initializer}
+    shapes |= {n.output[0]: shapes[n.input[0]] for n in graph.node  # an INT8 graph's weights: stored int8, dequantized
+               if n.op_type == "DequantizeLinear" and n.input[0] in {t.name for t in graph.initializer}}
     macs = 0
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -102,14 +105,15 @@ def graph_macs(path: Path | str) -> int:
     return macs
 
 # %% ../nbs/14_compare.ipynb #3dc3619e
-def variant_gmacs(sets: list[str], backbone_dir: Path | str) -> float:
-    "GMACs per image of a variant: the sum over its backbone sets' graphs; the classic descriptors count 0."
+def variant_gmacs(sets: list[str], backbone_dir: Path | str, int8_cost: float = 1.0) -> float:
+    """GMACs per image of a variant: the sum over its backbone sets' graphs, an INT8 set's counted `int8_cost` times
+    (`compare.int8_cost`); the classic descriptors count 0."""
     total = 0
     for feature_set in sets:
         if feature_set == "classic": continue  # OpenCV descriptors, no network
         path = Path(backbone_dir) / f"{feature_set}.onnx"
         if not path.is_file(): raise FileNotFoundError(f"no backbone graph {path} for feature set {feature_set!r}: run `dvc repro backbone`")
-        total += graph_macs(path)
+        total += graph_macs(path) * (int8_cost if is_backbone_set(feature_set) and is_int8(feature_set) else 1.0)
     return total / 1e9
 
 # %% ../nbs/14_compare.ipynb #0eeed780
@@ -145,9 +149,9 @@ def cross_validate(runs: dict[str, tuple[list[str], dict]], seed: int, folds: in
     return results, oof
 
 def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds: int, manifest, features_dir, backbone_dir,
-                     run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     run_tags: dict | None = None, progress: bool = False, int8_cost: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(one row per variant: `sets`, `gmacs` and `evaluate_variant`'s figures; `y` and each variant's out-of-fold `p` by md5)."
-    costs = {name: variant_gmacs(sets, backbone_dir) for name, sets in variants.items()}  # a missing graph fails first
+    costs = {name: variant_gmacs(sets, backbone_dir, int8_cost) for name, sets in variants.items()}  # a missing graph fails first
     if run_tags is not None: run_tags = {**run_tags, "search": "variants"}
     results, oof = cross_validate({name: (sets, cfg) for name, sets in variants.items()}, seed, folds, manifest, features_dir,
                                   run_tags, "compare" if progress else None)

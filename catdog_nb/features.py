@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from fastcore.basics import patch
 from .backbone import (EMBEDDING_NAME, LOGITS_NAME, backbone_paths, backbone_variant, input_size,
-                                is_backbone_set)
+                                is_backbone_set, runs_on)
 from .engine import ENGINES, center_square, check_engine, check_images, imagenet_batch, load_engine
 
 # %% auto #0
@@ -203,6 +203,8 @@ class FeatureExtractor:
         self._engines, self._backbone_md5 = {}, {}
         for s in self.sets:
             if s == "classic": continue
+            if not runs_on(s, engine):
+                raise FeatureSettingsError(f"feature set {s} is quantized to INT8, which only the onnxruntime engine runs, not {engine}")
             if s not in self.backbones or not self.backbones[s].is_file():
                 raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone`)")
             self._engines[s] = load_engine(self.backbones[s], engine, threads)
