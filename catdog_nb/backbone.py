@@ -20,7 +20,7 @@ from .engine import imagenet_batch
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'INT8_SUFFIX', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION',
            'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size',
-           'is_int8', 'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
+           'is_int8', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
            'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
            'convert_backbone', 'quantize_backbone', 'calibration_photos']
 
@@ -58,11 +58,6 @@ def input_size(name: str) -> int:
 def is_int8(name: str) -> bool:
     "Whether backbone set `name` is a quantized graph: `lite2@320-int8` -> True."
     return _parse_backbone_set(name)[2]
-
-def float_set(name: str) -> str:
-    "The float set that backbone set `name` quantizes (itself if it is not INT8): `lite2@320-int8` -> `lite2@320`."
-    _parse_backbone_set(name)
-    return str(name).removesuffix(INT8_SUFFIX)
 
 def runs_on(name: str, engine: str) -> bool:
     "Whether `engine` (of `catdog_nb.engine.ENGINES`) runs backbone set `name`: `cv2.dnn` has no kernels for the INT8 graphs."
