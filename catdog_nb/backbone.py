@@ -9,6 +9,7 @@ Docs: https://catdog.github.io/catdog/backbone.html.md"""
 # %% ../nbs/04_backbone.ipynb #e650699d
 from __future__ import annotations
 import collections, importlib, pickle, random, tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from fastcore.basics import patch
 from pathlib import Path
@@ -20,9 +21,9 @@ from .engine import imagenet_batch
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'INT8_SUFFIX', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION',
            'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size',
-           'is_int8', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
+           'is_int8', 'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
            'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
-           'convert_backbone', 'quantize_backbone', 'calibration_photos']
+           'convert_backbone', 'quantize_backbone', 'calibration_photos', 'backbone_files']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each variant was trained at
@@ -58,6 +59,10 @@ def input_size(name: str) -> int:
 def is_int8(name: str) -> bool:
     "Whether backbone set `name` is a quantized graph: `lite2@320-int8` -> True."
     return _parse_backbone_set(name)[2]
+
+def float_set(name: str) -> str:
+    "The float set that feature set `name` quantizes, or `name` itself: `lite2@320-int8` -> `lite2@320`, `classic` -> `classic`."
+    return name.removesuffix(INT8_SUFFIX) if is_backbone_set(name) else name
 
 def runs_on(name: str, engine: str) -> bool:
     "Whether `engine` (of `catdog_nb.engine.ENGINES`) runs backbone set `name`: `cv2.dnn` has no kernels for the INT8 graphs."
@@ -308,3 +313,15 @@ def calibration_photos(manifest: Path | str, n: int, seed: int) -> list[np.ndarr
     if not 0 < n <= len(train): raise ValueError(f"backbone.calibration must be in [1, {len(train)}] (train photos), got {n}")
     return [decode_image((project_root() / p).read_bytes()) for p in random.Random(seed).sample(train, n)]
 
+
+# %% ../nbs/04_backbone.ipynb #e02c7a8a
+def backbone_files(sets, directory: Path | str, calibration: Callable[[], list[np.ndarray]] | None = None) -> dict[str, Path]:
+    """`{set: onnx file}` of the backbone sets among `sets`: `<directory>/<set>.onnx` where it exists, else converted into a
+    temporary folder, an `-int8` set calibrated on the photos `calibration()` returns (called once, only then)."""
+    files = backbone_paths(sets, directory)
+    missing = [s for s, f in files.items() if not f.is_file()]
+    if missing:
+        scratch = Path(tempfile.mkdtemp(prefix="catdog-backbones-"))
+        photos = calibration() if calibration and any(map(is_int8, missing)) else None
+        files |= {s: convert_backbone(s, scratch / files[s].name, photos if is_int8(s) else None) for s in missing}
+    return files

@@ -8,12 +8,12 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 
 # %% ../nbs/19_bench.ipynb #8037e893
 from __future__ import annotations
-import argparse, asyncio, functools, hashlib, json, os, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, hashlib, json, os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
-from .backbone import backbone_path, calibration_photos, convert_backbone, input_size, is_backbone_set, is_int8, runs_on
+from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set, runs_on
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -313,13 +313,6 @@ def print_serve(results: list[dict], load_before: str, serve_venv: Path | None =
     if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
 # %% ../nbs/19_bench.ipynb #5b92374f
-def _backbone_files(variants, params: dict, root: Path) -> dict[str, Path]:
-    "`{variant: onnx file}` from `backbone.dir`, converting the missing ones into a temporary folder (INT8: calibrated as the stage does)."
-    files = {v: backbone_path(v, root / params["backbone"]["dir"]) for v in variants}
-    scratch = Path(tempfile.mkdtemp(prefix="catdog-backbones-"))
-    calibration = functools.cache(lambda: calibration_photos(params["data"]["manifest"], params["backbone"]["calibration"], params["seed"]))
-    return {v: f if f.is_file() else convert_backbone(v, scratch / f.name, calibration() if is_int8(v) else None) for v, f in files.items()}
-
 def print_engines(results: list[dict], load_before: str, batch_size: int) -> None:
     print(f"engines alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
     print("| backbone | threads | engine | img/s | vs cv2.dnn |\n| --- | ---: | --- | ---: | ---: |")
@@ -347,7 +340,8 @@ def _profile_command(a, params: dict, root: Path) -> None:
     print_profile(profiles, load_before)
 
 def _engines_command(a, params: dict, root: Path) -> None:
-    files = _backbone_files(a.variants.split(",") if a.variants else params["backbone"]["variants"], params, root)
+    files = backbone_files(a.variants.split(",") if a.variants else params["backbone"]["variants"], root / params["backbone"]["dir"],
+                           lambda: calibration_photos(params["data"]["manifest"], params["backbone"]["calibration"], params["seed"]))
     load_before = load_average()
     threads = [int(t) for t in a.threads.split(",")]
     print_engines(bench_engines(files, threads, engine_list(a.engines), a.batch_size, a.rounds), load_before, a.batch_size)

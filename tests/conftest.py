@@ -2,7 +2,8 @@
 
 `model_bundle` is a real bundle: the pipeline's own functions (`convert_backbone`, and `FeatureExtractor`,
 `train_booster`, `save_bundle` via `bundles.tiny_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
-having run. `server` is the real `catdog serve` on a loopback port, serving that bundle.
+having run; `float_bundle` is the same with float graphs only, for what `cv2.dnn` runs. `server` is the real
+`catdog serve` on a loopback port, serving `model_bundle`.
 """
 import os
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from catdog_nb.backbone import backbone_paths, convert_backbone
+from catdog_nb.backbone import backbone_paths, convert_backbone, float_set, is_int8
 from catdog_nb.core import load_params
-from catdog_nb.data import sample_photos
+from catdog_nb.data import read_image, sample_photos
 from bundles import tiny_bundle
 from servers import free_port, running
 
@@ -36,10 +37,13 @@ def unseen_photos() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def backbones(tmp_path_factory) -> dict[str, Path]:
-    "The backbones of `BUNDLE_FEATURE_SETS` converted from the pip-shipped weights (seconds each), as stage `backbone` does."
+def backbones(tmp_path_factory, training_photos) -> dict[str, Path]:
+    """The backbones of `BUNDLE_FEATURE_SETS` converted from the pip-shipped weights (seconds each), as stage `backbone` does;
+    an -int8 set calibrated on a quarter of `training_photos` (the stage's train split is not there before `dvc repro`)."""
     folder = tmp_path_factory.mktemp("backbones")
-    return {s: convert_backbone(s, path) for s, path in backbone_paths(BUNDLE_FEATURE_SETS, folder).items()}
+    calibration = [read_image(p) for p in training_photos[::4]]
+    return {s: convert_backbone(s, path, calibration if is_int8(s) else None)
+            for s, path in backbone_paths(BUNDLE_FEATURE_SETS, folder).items()}
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +51,16 @@ def model_bundle(tmp_path_factory, training_photos, backbones) -> Path:
     "A real model bundle folder trained on `training_photos` with the served feature sets."
     out = tmp_path_factory.mktemp("bundle") / "catdog"
     return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbones)
+
+
+@pytest.fixture(scope="session")
+def float_bundle(tmp_path_factory, training_photos, model_bundle) -> Path:
+    "`model_bundle` with each -int8 set's float graph instead (`cv2.dnn` runs no INT8 graph); `model_bundle` itself if it has none."
+    sets = [float_set(s) for s in BUNDLE_FEATURE_SETS]
+    if sets == BUNDLE_FEATURE_SETS: return model_bundle
+    folder = tmp_path_factory.mktemp("float-backbones")
+    backbones = {s: convert_backbone(s, path) for s, path in backbone_paths(sets, folder).items()}
+    return tiny_bundle(training_photos, tmp_path_factory.mktemp("float-bundle") / "catdog", load_params(), sets, backbones)
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,10 @@ def test_catdog_help_runs(serve_venv):
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "opencv"])
-def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path, engine):
-    "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI, each engine."
+def test_serving_venv_serves_a_prediction(serve_venv, request, tmp_path, engine):
+    """Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI, each engine
+    (`cv2.dnn` on the float graphs: it runs no INT8 graph)."""
+    model_bundle = request.getfixturevalue("float_bundle" if engine == "opencv" else "model_bundle")
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(ROOT / "params.yaml", app)
