@@ -8,18 +8,21 @@ Docs: https://catdog.github.io/catdog/bundle.html.md"""
 # %% ../nbs/08_bundle.ipynb #3936661b
 from __future__ import annotations
 import contextlib, hashlib, json, os, shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 import lightgbm as lgb
+import numpy as np
 from .backbone import is_backbone_set
 from .core import project_root
 
 # %% auto #0
-__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'BundleError', 'model_text', 'bundle_version', 'file_sha256', 'plain_name',
-           'bundle_files', 'save_bundle', 'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
+__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'LINEAR_FILE', 'BundleError', 'model_text', 'bundle_version', 'LinearHead',
+           'predict_proba', 'file_sha256', 'plain_name', 'bundle_files', 'save_bundle', 'resolve_bundle',
+           'verify_files', 'read_bundle_meta', 'read_bundle']
 
 # %% ../nbs/08_bundle.ipynb #89d41b9a
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
-BUNDLE_FILE, BOOSTER_FILE = "bundle.json", "booster.txt"
+BUNDLE_FILE, BOOSTER_FILE, LINEAR_FILE = "bundle.json", "booster.txt", "linear.json"
 
 class BundleError(ValueError):
     "A model folder that is missing, or is not a valid catdog bundle."
@@ -34,6 +37,40 @@ def bundle_version(booster_text: str, settings: dict) -> str:
     digest = hashlib.sha256(booster_text.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
+
+# %% ../nbs/08_bundle.ipynb #00c28ea2
+@dataclass(frozen=True)
+class LinearHead:
+    """Logistic regression on standardised features: `logit(X) = ((X - mean) / scale) @ coef + intercept`, given
+    `weight` in the blend with the booster's logit (`predict_proba`)."""
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    weight: float
+
+    def logit(self, X: np.ndarray) -> np.ndarray:
+        return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+
+    def to_json(self) -> str:
+        "The head as JSON text (floats written exactly): what `linear.json` holds."
+        return json.dumps({"weight": self.weight, "intercept": self.intercept, "mean": self.mean.tolist(),
+                           "scale": self.scale.tolist(), "coef": self.coef.tolist()}) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LinearHead:
+        d = json.loads(text)
+        arrays = {k: np.asarray(d[k], np.float64) for k in ("mean", "scale", "coef")}
+        if not (arrays["mean"].ndim == 1 and arrays["mean"].shape == arrays["scale"].shape == arrays["coef"].shape):
+            raise BundleError(f"{LINEAR_FILE}: mean, scale and coef must be vectors of one length")
+        return cls(**arrays, intercept=float(d["intercept"]), weight=float(d["weight"]))
+
+def predict_proba(booster: lgb.Booster, X: np.ndarray, head: LinearHead | None = None, num_threads: int | None = None) -> np.ndarray:
+    "P(`CLASSES[1]`) of feature rows `X`: the booster's at its best iteration, its logit blended with `head`'s if given."
+    raw = np.asarray(booster.predict(X, raw_score=True, num_iteration=booster.best_iteration or None,
+                                     **({"num_threads": num_threads} if num_threads else {})), np.float64)
+    if head is not None: raw = head.weight * head.logit(X) + (1 - head.weight) * raw
+    return 1 / (1 + np.exp(-raw))
 
 # %% ../nbs/08_bundle.ipynb #92db7d03
 def file_sha256(path: Path) -> str:
@@ -50,25 +87,29 @@ def plain_name(name) -> str:
     return name
 
 def bundle_files(meta: dict) -> list[str]:
-    "The files of a bundle besides `bundle.json`: the booster and the backbones of its feature sets."
-    return [plain_name(meta["booster"]), *map(plain_name, meta["backbones"].values())]
+    "The files of a bundle besides `bundle.json`: the booster, the linear head if it has one, and the backbones of its feature sets."
+    return [plain_name(meta["booster"]), *map(plain_name, [meta["linear"]] if meta.get("linear") else []),
+            *map(plain_name, meta["backbones"].values())]
 
 # %% ../nbs/08_bundle.ipynb #ce6a24e3
 def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[str], feature_settings: dict,
-                backbones: dict | None = None, data_version: str = "", metrics: dict | None = None, *, name: str) -> dict:
-    "Write the bundle `name` to `out_dir` (replacing what was there); `backbones`: set -> its ONNX file. Returns `bundle.json`'s content."
+                backbones: dict | None = None, data_version: str = "", metrics: dict | None = None, *, name: str,
+                head: LinearHead | None = None) -> dict:
+    """Write the bundle `name` to `out_dir` (replacing what was there); `backbones`: set -> its ONNX file; `head`: the
+    linear head blended with the booster, if any. Returns `bundle.json`'s content."""
     out_dir = Path(out_dir)
     backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in feature_sets}
     missing = [s for s in feature_sets if is_backbone_set(s) and not (s in backbones and backbones[s].is_file())]
     if missing: raise FileNotFoundError(f"feature sets {missing} need their backbone ONNX file; got {backbones}")
     if out_dir.exists(): shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    text = model_text(booster)
+    text, head_text = model_text(booster), head.to_json() if head else ""
     (out_dir / BOOSTER_FILE).write_text(text)
+    if head: (out_dir / LINEAR_FILE).write_text(head_text)
     for s, path in backbones.items(): shutil.copyfile(path, out_dir / f"{s}.onnx")
     settings = {"feature_sets": list(feature_sets), "features": feature_settings, "backbones": {s: f"{s}.onnx" for s in backbones}}
-    meta = {"name": name, "version": bundle_version(text, settings), "classes": list(CLASSES), **settings,
-            "booster": BOOSTER_FILE, "data_version": data_version, "metrics": metrics or {}}
+    meta = {"name": name, "version": bundle_version(text + head_text, settings), "classes": list(CLASSES), **settings,
+            "booster": BOOSTER_FILE, **({"linear": LINEAR_FILE} if head else {}), "data_version": data_version, "metrics": metrics or {}}
     meta["sha256"] = {name: file_sha256(out_dir / name) for name in bundle_files(meta)}
     (out_dir / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
@@ -124,13 +165,19 @@ def read_bundle_meta(path: Path | str) -> dict:
     return meta
 
 # %% ../nbs/08_bundle.ipynb #f1e912cc
-def read_bundle(path: Path | str) -> tuple[dict, lgb.Booster]:
-    "(`bundle.json`, booster) of the bundle folder `path`, verified against its version."
+def read_bundle(path: Path | str) -> tuple[dict, lgb.Booster, LinearHead | None]:
+    "(`bundle.json`, booster, linear head or None) of the bundle folder `path`, verified against its version."
     meta = read_bundle_meta(path)
     text = (Path(path) / meta["booster"]).read_text()
-    found = bundle_version(text, {k: meta[k] for k in ("feature_sets", "features", "backbones")})
+    head_text = (Path(path) / meta["linear"]).read_text() if meta.get("linear") else ""
+    found = bundle_version(text + head_text, {k: meta[k] for k in ("feature_sets", "features", "backbones")})
     if found != meta["version"]:
         raise BundleError(f"{Path(path)} does not match its version {meta['version']} (its files hash to {found}): "
                           "it was changed after it was written")
-    try: return meta, lgb.Booster(model_str=text)
+    try: booster = lgb.Booster(model_str=text)
     except lgb.basic.LightGBMError as e: raise BundleError(f"{meta['booster']} is not a LightGBM model: {e}") from e
+    try: head = LinearHead.from_json(head_text) if head_text else None
+    except (ValueError, KeyError, TypeError) as e: raise BundleError(f"{meta['linear']} is not a linear head: {e}") from e
+    if head is not None and len(head.coef) != booster.num_feature():
+        raise BundleError(f"{meta['linear']} has {len(head.coef)} weights for the booster's {booster.num_feature()} features")
+    return meta, booster, head

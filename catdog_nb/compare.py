@@ -17,7 +17,8 @@ import pandas as pd
 from .backbone import is_backbone_set, is_int8
 from .core import get_logger
 from .metrics import classification_metrics, image_log_losses, standard_errors
-from .train import LGB_KEYS, load_dataset, predict_proba, train_booster
+from .bundle import predict_proba
+from .train import LGB_KEYS, fit_linear, load_dataset, train_booster
 
 # %% auto #0
 __all__ = ['CV_SPLITS', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics', 'paired_difference',
@@ -50,7 +51,7 @@ def cv_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.nda
 # %% ../nbs/14_compare.ipynb #f0ace8e8
 def out_of_fold(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: dict, seed: int, folds: int,
                 feature_names: list[str] | None = None, progress: str | None = None) -> tuple[np.ndarray, list[int]]:
-    "(P(class 1) of every row from the booster that did not see its fold, each fold's best iteration); `progress`: a label."
+    "(P(class 1) of every row from the model (booster and linear head) that did not see its fold, each fold's best iteration); `progress`: a label."
     log, fold = get_logger("catdog.compare"), cv_folds(y, groups, folds, seed)
     p, best_iterations = np.full(len(y), np.nan), []
     for k in range(folds):
@@ -58,7 +59,8 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: dict, see
         stop = cv_folds(y[fit], groups[fit], folds, seed) == 0  # the early-stopping rows, out of the training rows
         label = f"{progress} fold {k + 1}/{folds}" if progress else None
         booster, _ = train_booster(X[fit[~stop]], y[fit[~stop]], X[fit[stop]], y[fit[stop]], cfg, seed, feature_names, label)
-        p[held_out] = predict_proba(booster, X[held_out])
+        head = fit_linear(X[fit[~stop]], y[fit[~stop]], X[fit[stop]], y[fit[stop]], booster, cfg.get("linear_c", 0))
+        p[held_out] = predict_proba(booster, X[held_out], head)
         best_iterations.append(booster.best_iteration)
         if progress: log.info("%s: log loss %.4f after %d rounds", label, image_log_losses(y[held_out], p[held_out]).mean(), booster.best_iteration)
     return p, best_iterations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .bundle import BundleError, read_bundle, resolve_bundle
+from .bundle import BundleError, LinearHead, predict_proba, read_bundle, resolve_bundle
 from .core import get_logger, load_params, project_root
 from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_file
 from .engine import ENGINES, check_engine
@@ -61,9 +61,9 @@ class Prediction:
 # %% ../nbs/09_predict.ipynb #c269896b
 class Classifier:
     "A loaded model bundle: `predict_images` / `predict_bytes` / `predict_paths` in batches."
-    def __init__(self, path: Path, meta: dict, booster, extractor: FeatureExtractor,
+    def __init__(self, path: Path, meta: dict, booster, head: LinearHead | None, extractor: FeatureExtractor,
                  batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.path, self.meta, self.booster, self.extractor = path, meta, booster, extractor
+        self.path, self.meta, self.booster, self.head, self.extractor = path, meta, booster, head, extractor
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.name, self.version, self.classes = meta["name"], str(meta["version"]), list(meta["classes"])
 
@@ -76,12 +76,12 @@ def load(cls: Classifier, uri: str | Path | None = None, batch_size: int = 32, m
     "The bundle at `uri` (a folder or a `models:/` URI; default `default_model_uri()`), its backbones run by `engine` on `threads` threads."
     uri = uri or default_model_uri()
     path = resolve_bundle(uri)
-    meta, booster = read_bundle(path)
+    meta, booster, head = read_bundle(path)
     settings = {group: values for group, values in meta["features"].items() if group in SETTINGS_GROUPS}
     backbones = {s: path / file for s, file in meta["backbones"].items()}
     extractor = FeatureExtractor(meta["feature_sets"], settings, backbones, batch_size=batch_size, engine=engine, threads=threads)
     get_logger(__name__).info("loaded model %s version %s from %s (engine %s)", meta["name"], meta["version"], uri, engine)
-    return cls(path, meta, booster, extractor, batch_size, max_pixels)
+    return cls(path, meta, booster, head, extractor, batch_size, max_pixels)
 
 # %% ../nbs/09_predict.ipynb #277f7841
 @patch
@@ -92,9 +92,9 @@ def features(self: Classifier, images: Sequence[np.ndarray]) -> np.ndarray:
 # %% ../nbs/09_predict.ipynb #47a78dbf
 @patch
 def predict_features(self: Classifier, features: np.ndarray) -> np.ndarray:
-    "`(n, 2)` class probabilities of a feature matrix (the booster predicts P(`classes[1]`)), in one booster call."
+    "`(n, 2)` class probabilities of a feature matrix (the model predicts P(`classes[1]`)): booster and linear head, one call each."
     # One thread: LightGBM's default (one OpenMP thread per core) costs 5x more on a small batch, fighting the engine for the cores
-    p = np.asarray(self.booster.predict(features, num_threads=1), np.float64).reshape(-1)
+    p = predict_proba(self.booster, features, self.head, num_threads=1)
     return np.column_stack([1.0 - p, p])
 
 # %% ../nbs/09_predict.ipynb #4ccab5cb

@@ -12,13 +12,15 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from .bundle import CLASSES
+from dataclasses import replace
+from .bundle import CLASSES, LinearHead, predict_proba
 from .core import Progress, dask_client
+from .metrics import image_log_losses
 
 # %% auto #0
-__all__ = ['LGB_KEYS', 'TRAIN_ENGINES', 'NETWORK_PARAMS', 'FeatureTableError', 'feature_columns', 'load_dataset', 'split_xy',
-           'lgb_params', 'training_params', 'train_booster', 'predict_proba', 'learning_curve_figure', 'ClusterError',
-           'engine_client', 'scatter_rows', 'val_losses', 'early_stop', 'train_on_cluster']
+__all__ = ['LGB_KEYS', 'BLEND_WEIGHTS', 'TRAIN_ENGINES', 'NETWORK_PARAMS', 'FeatureTableError', 'feature_columns', 'load_dataset',
+           'split_xy', 'lgb_params', 'training_params', 'train_booster', 'fit_linear', 'learning_curve_figure',
+           'ClusterError', 'engine_client', 'scatter_rows', 'val_losses', 'early_stop', 'train_on_cluster']
 
 # %% ../nbs/12_train.ipynb #2301127c
 class FeatureTableError(ValueError):
@@ -71,8 +73,8 @@ def lgb_params(cfg: dict, seed: int) -> dict:
 
 # %% ../nbs/12_train.ipynb #6919679d
 def training_params(cfg: dict) -> dict:
-    "The keys of params.yaml `train:` that `train_booster` reads: rounds, early stopping and the LightGBM parameters."
-    return {k: cfg[k] for k in ("num_boost_round", "early_stopping_rounds", *LGB_KEYS) if k in cfg}
+    "The keys of params.yaml `train:` that `train_booster` and `fit_linear` read: rounds, early stopping, the LightGBM parameters, `linear_c`."
+    return {k: cfg[k] for k in ("num_boost_round", "early_stopping_rounds", *LGB_KEYS, "linear_c") if k in cfg}
 
 # %% ../nbs/12_train.ipynb #c704156f
 def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
@@ -95,9 +97,20 @@ def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
         if progress: bar.close()
     return booster, {"val": history["val"]["binary_logloss"]}
 
-def predict_proba(booster: lgb.Booster, X: np.ndarray) -> np.ndarray:
-    "P(class 1) from the best iteration."
-    return booster.predict(X, num_iteration=booster.best_iteration or None)
+# %% ../nbs/12_train.ipynb #2988e3e7
+BLEND_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)  # the linear head's shares of the blended logit, tried on val
+
+def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+               booster: lgb.Booster, c: float) -> LinearHead | None:
+    "The linear head fitted on the train rows and weighted against `booster` on the val rows; None if `c` is 0."
+    if not c: return None
+    from sklearn.linear_model import LogisticRegression
+    mean, scale = X_train.mean(0, dtype=np.float64), X_train.std(0, dtype=np.float64)
+    scale[scale == 0] = 1.0  # a constant column: centred to 0, its scale does not matter
+    model = LogisticRegression(C=c, max_iter=5000).fit((X_train - mean) / scale, y_train)
+    head = LinearHead(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), weight=0.0)
+    losses = [image_log_losses(y_val, predict_proba(booster, X_val, replace(head, weight=float(w)))).mean() for w in BLEND_WEIGHTS]
+    return replace(head, weight=float(BLEND_WEIGHTS[int(np.argmin(losses))]))
 
 # %% ../nbs/12_train.ipynb #f891926e
 def learning_curve_figure(history: dict, best_iteration: int):

@@ -24,13 +24,13 @@ from dask.utils import key_split
 from distributed import Client
 
 from catdog_nb.backbone import backbone_paths, convert_backbone
-from catdog_nb.bundle import model_text
+from catdog_nb.bundle import model_text, predict_proba
 from catdog_nb.core import load_params
 from catdog_nb.data import assign_splits, read_image, sample_photos, scan_dataset, write_manifest
 from catdog_nb.features import FeatureExtractor, feature_settings
 from catdog_nb.metrics import classification_metrics
 from catdog_nb.predict import Classifier
-from catdog_nb.train import ClusterError, engine_client, load_dataset, predict_proba, scatter_rows, split_xy, train_booster
+from catdog_nb.train import ClusterError, engine_client, load_dataset, scatter_rows, split_xy, train_booster
 from catdog_nb.extract import local_dask_cluster
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -271,15 +271,15 @@ def test_multi_worker_metrics_aggregate(model_bundle, training_photos, tmp_path)
 def test_service_features_equal_pipeline_features(model_bundle, backbones, unseen_photos, server):
     """The service's path (bytes -> `decode_image` -> the `FeatureExtractor` the bundle describes) gives exactly the
     features of the pipeline's extractor (built from params.yaml as stage `features` builds it) for the same files,
-    and /predict answers the booster's probability of exactly those."""
+    and /predict answers the model's probability (booster and linear head) of exactly those."""
     from catdog_nb.core import load_params
     from catdog_nb.data import read_image
     from catdog_nb.features import FeatureExtractor
     from catdog_nb.service import ServiceState, Settings
-    from catdog_nb.bundle import read_bundle
-    from catdog_nb.train import predict_proba
+    from catdog_nb.bundle import predict_proba, read_bundle
 
-    meta, booster = read_bundle(model_bundle)
+    meta, booster, head = read_bundle(model_bundle)
+    assert head is not None and 0 < head.weight < 1
     blobs = [p.read_bytes() for p in unseen_photos]
     # The extractor as the `features` stage builds it, from params.yaml (not from the bundle), on the stage's decode.
     extractor = FeatureExtractor.from_params(load_params(), sets=meta["feature_sets"], backbones=backbones)
@@ -295,7 +295,7 @@ def test_service_features_equal_pipeline_features(model_bundle, backbones, unsee
     assert served.shape == pipeline.shape and len(pipeline) == len(blobs)
     np.testing.assert_array_equal(served, pipeline)
 
-    expected = predict_proba(booster, pipeline)
+    expected = predict_proba(booster, pipeline, head)
     with httpx.Client(base_url=server["url"], timeout=60) as c:
         answers = [c.post("/predict", content=b, headers={"content-type": "image/jpeg"}).json() for b in blobs]
     np.testing.assert_allclose([a["probability"]["dog"] for a in answers], expected, rtol=0, atol=1e-9)

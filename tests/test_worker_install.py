@@ -13,7 +13,8 @@ from catdog_nb.core import load_params
 from catdog_nb.data import decode_image, sample_photos
 from catdog_nb.features import FeatureExtractor, feature_settings
 from catdog_nb.metrics import classification_metrics
-from catdog_nb.train import predict_proba, train_booster
+from catdog_nb.bundle import predict_proba
+from catdog_nb.train import train_booster
 from servers import free_port, running
 from venvs import build_venv, installed, outside_env, pinned, run_in
 
