@@ -8,7 +8,7 @@ Docs: https://catdog.github.io/catdog/bundle.html.md"""
 # %% ../nbs/08_bundle.ipynb #3936661b
 from __future__ import annotations
 import contextlib, hashlib, json, os, shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 import lightgbm as lgb
 import numpy as np
@@ -38,7 +38,7 @@ def bundle_version(booster_text: str, settings: dict) -> str:
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
-# %% ../nbs/08_bundle.ipynb #00c28ea2
+# %% ../nbs/08_bundle.ipynb #2fb469cc
 @dataclass(frozen=True)
 class LinearHead:
     """Logistic regression on standardised features: `logit(X) = ((X - mean) / scale) @ coef + intercept`, given

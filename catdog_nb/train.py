@@ -8,11 +8,11 @@ Docs: https://catdog.github.io/catdog/train.html.md"""
 # %% ../nbs/12_train.ipynb #6ca55c88
 from __future__ import annotations
 import re
+from dataclasses import replace
 from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from dataclasses import replace
 from .bundle import CLASSES, LinearHead, predict_proba
 from .core import Progress, dask_client
 from .metrics import image_log_losses
@@ -97,7 +97,7 @@ def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
         if progress: bar.close()
     return booster, {"val": history["val"]["binary_logloss"]}
 
-# %% ../nbs/12_train.ipynb #2988e3e7
+# %% ../nbs/12_train.ipynb #87501069
 BLEND_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)  # the linear head's shares of the blended logit, tried on val
 
 def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
