@@ -14,6 +14,7 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set, runs_on
+from .bundle import predict_proba
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -56,7 +57,7 @@ def bench_engines(backbones: dict[str, Path], threads=(1, 2), engines=ENGINES, b
 PROFILE_STEPS = ("decode", "square crop", "resize", "normalise", "forward", "booster")
 
 def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, booster, engine: str,
-                 batch_size: int = 16, threads: int = 1) -> dict[str, float]:
+                 batch_size: int = 16, threads: int = 1, head=None) -> dict[str, float]:
     "Seconds per image spent in each of `PROFILE_STEPS` on the encoded photos `blobs`, `batch_size` at a time."
     runner, spent = load_engine(backbone, engine, threads), dict.fromkeys(PROFILE_STEPS, 0.0)
     def timed(step, f, *args):
@@ -71,7 +72,7 @@ def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, bo
             resized = timed("resize", lambda s: cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA), square)
             timed("normalise", normalise_into, resized, batch[i])
         embedding = timed("forward", runner.run, batch, ["embedding"])["embedding"]
-        timed("booster", lambda X: booster.predict(X, num_threads=1), embedding)  # one thread, as `Classifier` calls it
+        timed("booster", lambda X: predict_proba(booster, X, head, num_threads=1), embedding)  # and linear head; one thread, as `Classifier` calls it
     return {step: seconds / len(blobs) for step, seconds in spent.items()}
 
 # %% ../nbs/19_bench.ipynb #c799b728
@@ -335,7 +336,7 @@ def _profile_command(a, params: dict, root: Path) -> None:
         raise SystemExit(f"profile: the bundle's sets are {classifier.extractor.sets}; it profiles one backbone alone")
     blobs, load_before = [p.read_bytes() for p in sample_photos(a.n // 2)], load_average()
     profiles = {e: profile_path(blobs, classifier.decode, classifier.extractor.backbones[deep[0]],
-                                input_size(deep[0]), classifier.booster, e, a.batch_size, a.threads)
+                                input_size(deep[0]), classifier.booster, e, a.batch_size, a.threads, classifier.head)
                 for e in engine_list(a.engines)}
     print_profile(profiles, load_before)
 
