@@ -1,9 +1,8 @@
 """Small real model bundles for the tests, built with the pipeline's own functions on a few dozen real photos."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-from dataclasses import replace
 
 from catdog_nb.bundle import CLASSES, predict_proba, save_bundle
 from catdog_nb.core import load_params
