@@ -17,8 +17,8 @@ from .core import project_root
 
 # %% auto #0
 __all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'LINEAR_FILE', 'BundleError', 'model_text', 'bundle_version', 'LinearHead',
-           'predict_proba', 'file_sha256', 'plain_name', 'bundle_files', 'save_bundle', 'resolve_bundle',
-           'verify_files', 'read_bundle_meta', 'read_bundle']
+           'booster_logit', 'sigmoid', 'predict_proba', 'file_sha256', 'plain_name', 'bundle_files', 'save_bundle',
+           'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
 
 # %% ../nbs/08_bundle.ipynb #89d41b9a
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -52,6 +52,10 @@ class LinearHead:
     def logit(self, X: np.ndarray) -> np.ndarray:
         return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
 
+    def blend(self, linear_logit: np.ndarray, booster_logit: np.ndarray) -> np.ndarray:
+        "The blended logit: `weight` of this head's `linear_logit`, the rest of the booster's."
+        return self.weight * linear_logit + (1 - self.weight) * booster_logit
+
     def to_json(self) -> str:
         "The head as JSON text (floats written exactly): what `linear.json` holds."
         return json.dumps({"weight": self.weight, "intercept": self.intercept, "mean": self.mean.tolist(),
@@ -65,12 +69,17 @@ class LinearHead:
             raise BundleError(f"{LINEAR_FILE}: mean, scale and coef must be vectors of one length")
         return cls(**arrays, intercept=float(d["intercept"]), weight=float(d["weight"]))
 
+def booster_logit(booster: lgb.Booster, X: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+    "The booster's raw score of feature rows `X` at its best iteration: the logit of P(`CLASSES[1]`)."
+    return np.asarray(booster.predict(X, raw_score=True, num_iteration=booster.best_iteration or None,
+                                      **({"num_threads": num_threads} if num_threads else {})), np.float64)
+
+def sigmoid(logit: np.ndarray) -> np.ndarray: return 1 / (1 + np.exp(-logit))
+
 def predict_proba(booster: lgb.Booster, X: np.ndarray, head: LinearHead | None = None, num_threads: int | None = None) -> np.ndarray:
     "P(`CLASSES[1]`) of feature rows `X`: the booster's at its best iteration, its logit blended with `head`'s if given."
-    raw = np.asarray(booster.predict(X, raw_score=True, num_iteration=booster.best_iteration or None,
-                                     **({"num_threads": num_threads} if num_threads else {})), np.float64)
-    if head is not None: raw = head.weight * head.logit(X) + (1 - head.weight) * raw
-    return 1 / (1 + np.exp(-raw))
+    logit = booster_logit(booster, X, num_threads)
+    return sigmoid(head.blend(head.logit(X), logit) if head is not None else logit)
 
 # %% ../nbs/08_bundle.ipynb #92db7d03
 def file_sha256(path: Path) -> str:

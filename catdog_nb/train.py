@@ -13,7 +13,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from .bundle import CLASSES, LinearHead, predict_proba
+from .bundle import CLASSES, LinearHead, booster_logit, predict_proba, sigmoid
 from .core import Progress, dask_client
 from .metrics import image_log_losses
 
@@ -109,7 +109,8 @@ def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_va
     scale[scale == 0] = 1.0  # a constant column: centred to 0, its scale does not matter
     model = LogisticRegression(C=c, max_iter=5000).fit((X_train - mean) / scale, y_train)
     head = LinearHead(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), weight=0.0)
-    losses = [image_log_losses(y_val, predict_proba(booster, X_val, replace(head, weight=float(w)))).mean() for w in BLEND_WEIGHTS]
+    linear, boosted = head.logit(X_val), booster_logit(booster, X_val)  # once each; only the weight changes
+    losses = [image_log_losses(y_val, sigmoid(replace(head, weight=float(w)).blend(linear, boosted))).mean() for w in BLEND_WEIGHTS]
     return replace(head, weight=float(BLEND_WEIGHTS[int(np.argmin(losses))]))
 
 # %% ../nbs/12_train.ipynb #f891926e
