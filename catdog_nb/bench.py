@@ -14,7 +14,7 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set, runs_on
-from .bundle import predict_proba
+from .bundle import LinearHead, predict_proba
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -57,7 +57,7 @@ def bench_engines(backbones: dict[str, Path], threads=(1, 2), engines=ENGINES, b
 PROFILE_STEPS = ("decode", "square crop", "resize", "normalise", "forward", "booster")
 
 def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, booster, engine: str,
-                 batch_size: int = 16, threads: int = 1, head=None) -> dict[str, float]:
+                 batch_size: int = 16, threads: int = 1, head: LinearHead | None = None) -> dict[str, float]:
     "Seconds per image spent in each of `PROFILE_STEPS` on the encoded photos `blobs`, `batch_size` at a time."
     runner, spent = load_engine(backbone, engine, threads), dict.fromkeys(PROFILE_STEPS, 0.0)
     def timed(step, f, *args):
