@@ -50,7 +50,8 @@ class LinearHead:
     weight: float
 
     def logit(self, X: np.ndarray) -> np.ndarray:
-        return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+        # einsum, not `@`: BLAS's matrix-vector product rounds a row differently by where it sits in the batch
+        return np.einsum("ij,j->i", (np.asarray(X, np.float64) - self.mean) / self.scale, self.coef) + self.intercept
 
     def blend(self, linear_logit: np.ndarray, booster_logit: np.ndarray) -> np.ndarray:
         "The blended logit: `weight` of this head's `linear_logit`, the rest of the booster's."
