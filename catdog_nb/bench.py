@@ -14,7 +14,7 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set, runs_on
-from .bundle import LinearHead, predict_proba
+from .bundle import LinearHead, predict_proba, read_bundle_meta, resolve_bundle
 from .data import sample_photos
 from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -276,8 +276,11 @@ def serve_once(model_uri: str | Path, engine: str, photos: list[Path], concurren
 # %% ../nbs/19_bench.ipynb #db7f19ce
 def bench_serve(model_uri: str | Path | None = None, engines=ENGINES, concurrency: int = 8, n_requests: int = 800,
                 idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> list[dict]:
-    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one) under each engine."
+    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one) under each engine that runs it."
     model_uri = model_uri or default_model_uri()
+    sets = read_bundle_meta(resolve_bundle(model_uri))["feature_sets"]
+    engines = [e for e in engines if all(runs_on(s, e) for s in sets if is_backbone_set(s))]  # cv2.dnn runs no INT8 set
+    if not engines: raise SystemExit(f"bench serve: no engine of those asked runs every set of {model_uri} ({', '.join(sets)})")
     photos = sample_photos(per_class)
     blobs = [p.read_bytes() for p in photos]
     results = []
