@@ -161,12 +161,17 @@ def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds
     return pd.DataFrame.from_dict(rows, orient="index"), oof
 
 # %% ../nbs/14_compare.ipynb #cd35d199
-def choose_variant(table: pd.DataFrame, oof: pd.DataFrame, max_gmacs: float) -> tuple[pd.DataFrame, str]:
-    """(`table` with `within_budget` and each variant's `paired_difference` from the chosen one, the chosen name): the
-    lowest `cv_log_loss` among the variants of at most `max_gmacs`; ties to the cheaper, then to the name."""
-    table = table.assign(within_budget=table["gmacs"] <= max_gmacs)
+def choose_variant(table: pd.DataFrame, oof: pd.DataFrame, max_gmacs: float, served_rps: dict | None = None,
+                   min_rps: float = 30.0) -> tuple[pd.DataFrame, str]:
+    """(`table` with `served_rps`, `within_budget` and each variant's `paired_difference` from the chosen one, the chosen
+    name): the lowest `cv_log_loss` among the variants within the budget; ties to the cheaper, then to the name. A variant
+    that `served_rps` measured (name -> requests/s of `make bench-serve` runs) is within it if their median is at least
+    `min_rps`; the others, by the proxy, if they cost at most `max_gmacs`. Names not in `table` are ignored."""
+    rps = pd.Series({n: float(np.median(runs)) for n, runs in (served_rps or {}).items()}, dtype=float).reindex(table.index)
+    table = table.assign(served_rps=rps, within_budget=(rps >= min_rps).where(rps.notna(), table["gmacs"] <= max_gmacs).astype(bool))
     if not table["within_budget"].any():
-        raise ValueError(f"no variant costs at most compare.max_gmacs = {max_gmacs} GMACs per image: {table['gmacs'].to_dict()}")
+        raise ValueError(f"no variant serves at least {min_rps} requests/s as measured (compare.served_rps) or, unmeasured, costs "
+                         f"at most compare.max_gmacs = {max_gmacs} GMACs per image: {table['gmacs'].to_dict()}")
     candidates = table[table["within_budget"]].assign(name=lambda t: t.index)
     chosen = candidates.sort_values(["cv_log_loss", "gmacs", "name"]).index[0]
     paired = {name: paired_difference(oof["y"], oof[name], oof[chosen]) for name in table.index}
@@ -208,11 +213,14 @@ def choose_settings(table: pd.DataFrame, oof: pd.DataFrame, min_gain_se: float =
     return table, best if gain > min_gain_se * se else "current"
 
 # %% ../nbs/14_compare.ipynb #09bc1dcf
-COMPARE_COLUMNS = ["n_features", "mean_best_iteration", "gmacs", "within_budget", "cv_accuracy", "cv_accuracy_se", "cv_log_loss",
+COMPARE_COLUMNS = ["n_features", "mean_best_iteration", "gmacs", "served_rps", "within_budget", "cv_accuracy", "cv_accuracy_se", "cv_log_loss",
                    "cv_log_loss_se", "cv_roc_auc", "log_loss_vs_chosen", "log_loss_vs_chosen_se", "accuracy_vs_chosen",
                    "accuracy_vs_chosen_se"]
 
-def _plain(v): return v.item() if hasattr(v, "item") else v  # numpy scalars as JSON numbers and booleans
+def _plain(v):
+    "numpy scalars as JSON numbers and booleans; NaN (a variant not measured) as null, which JSON has and NaN is not."
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and np.isnan(v) else v
 
 def write_comparison(table: pd.DataFrame, chosen: str, rule: dict, metrics_file: Path | str, plot_file: Path | str,
                      search: dict | None = None) -> None:
