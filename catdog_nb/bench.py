@@ -22,9 +22,9 @@ from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
-__all__ = ['PROFILE_STEPS', 'load_average', 'engine_list', 'engine_speed', 'bench_engines', 'profile_path', 'bench_features',
-           'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service', 'bench_client',
-           'serve_once', 'bench_serve', 'print_serve', 'print_engines', 'print_profile', 'bench_main']
+__all__ = ['PROFILE_STEPS', 'load_average', 'engine_list', 'engine_speed', 'bench_engines', 'profile_path', 'usable_engines',
+           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
+           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_engines', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average() -> str:
@@ -97,6 +97,10 @@ def _rate(pool, tasks: list, n_images: int) -> float:
     return rate
 
 # %% ../nbs/19_bench.ipynb #35722a85
+def usable_engines(sets, engines) -> list[str]:
+    "Those of `engines` that run every backbone set of `sets` (cv2.dnn runs no INT8 set)."
+    return [e for e in engines if all(runs_on(s, e) for s in sets if is_backbone_set(s))]
+
 def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None, engines=ENGINES,
                    params: dict | None = None, root: Path | str | None = None) -> list[dict]:
     "Throughput of each of `sets` (default: the served ones, `train.feature_sets`) and of all together, per engine."
@@ -106,8 +110,7 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
     results = []
     for variant in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
         deep = any(map(is_backbone_set, variant))
-        usable = [e for e in engines if all(runs_on(s, e) for s in variant if is_backbone_set(s))]  # cv2.dnn runs no INT8 set
-        for engine in usable if deep else [None]:  # the classic descriptors run no network
+        for engine in usable_engines(variant, engines) if deep else [None]:  # the classic descriptors run no network
             overrides = {"batch_size": batch_size} if batch_size else {}
             if engine: overrides["engine"] = engine
             extractor = FeatureExtractor.from_params(params, sets=variant, root=root, **overrides)
@@ -277,9 +280,9 @@ def serve_once(model_uri: str | Path, engine: str, photos: list[Path], concurren
 def bench_serve(model_uri: str | Path | None = None, engines=ENGINES, concurrency: int = 8, n_requests: int = 800,
                 idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> list[dict]:
     "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one) under each engine that runs it."
-    model_uri = model_uri or default_model_uri()
-    sets = read_bundle_meta(resolve_bundle(model_uri))["feature_sets"]
-    engines = [e for e in engines if all(runs_on(s, e) for s in sets if is_backbone_set(s))]  # cv2.dnn runs no INT8 set
+    model_uri = resolve_bundle(model_uri or default_model_uri())  # a models:/ URI fetched once, here, not by each step
+    sets = read_bundle_meta(model_uri)["feature_sets"]
+    engines = usable_engines(sets, engines)
     if not engines: raise SystemExit(f"bench serve: no engine of those asked runs every set of {model_uri} ({', '.join(sets)})")
     photos = sample_photos(per_class)
     blobs = [p.read_bytes() for p in photos]
