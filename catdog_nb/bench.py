@@ -24,7 +24,8 @@ from .predict import Classifier, default_model_uri
 # %% auto #0
 __all__ = ['PROFILE_STEPS', 'load_average', 'engine_list', 'engine_speed', 'bench_engines', 'profile_path', 'usable_engines',
            'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
-           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_engines', 'print_profile', 'bench_main']
+           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'served_rps_key', 'bench_serve_turns',
+           'print_turns', 'print_engines', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average() -> str:
@@ -319,6 +320,33 @@ def print_serve(results: list[dict], load_before: str, serve_venv: Path | None =
     if base: print("| requests/s vs cv2.dnn | " + " | ".join(f"{r['service_rps'] / base['service_rps']:.2f}x" for r in results) + " |")
     if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
+# %% ../nbs/19_bench.ipynb #c1ec8825
+def served_rps_key(model_uri: str | Path) -> str:
+    "The variant name of the bundle at `model_uri` as `compare.served_rps` and `compare.variants` spell it: its sets joined by +."
+    return "+".join(read_bundle_meta(model_uri)["feature_sets"])
+
+def bench_serve_turns(model_uris: list, rounds: int = 3, **options):
+    "`bench_serve` of each bundle in turn, `rounds` times (A B A B ...): yields a row per run and engine as it ends."
+    folders = [resolve_bundle(uri) for uri in model_uris]  # a models:/ URI fetched once, not each turn
+    for turn in range(1, rounds + 1):
+        for uri, folder in zip(model_uris, folders):
+            load_before = load_average()
+            for row in bench_serve(folder, **options):
+                yield row | {"bundle": str(uri), "variant": served_rps_key(folder), "turn": turn, "load_before": load_before}
+
+def print_turns(rows: list[dict]) -> None:
+    "Requests/s of each bundle and engine, turn by turn, their median, and the `compare.served_rps` lines to record."
+    print("| bundle | engine | requests/s, turn by turn | median | in-process img/s, median |\n| --- | --- | --- | ---: | ---: |")
+    groups = {}
+    for r in rows: groups.setdefault((r["bundle"], r["variant"], r["engine"]), []).append(r)
+    for (bundle, variant, engine), runs in groups.items():
+        rps = [r["service_rps"] for r in runs]
+        print(f"| {bundle} ({variant}) | {engine} | {', '.join(f'{x:.1f}' for x in rps)} | {np.median(rps):.1f} | "
+              f"{np.median([r['in_process_ips'] for r in runs]):.1f} |")
+    print("compare.served_rps (onnxruntime):")
+    for (bundle, variant, engine), runs in groups.items():
+        if engine == "onnxruntime": print(f"  {variant}: [{', '.join(format(r['service_rps'], '.1f') for r in runs)}]")
+
 # %% ../nbs/19_bench.ipynb #5b92374f
 def print_engines(results: list[dict], load_before: str, batch_size: int) -> None:
     print(f"engines alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
@@ -368,7 +396,9 @@ def bench_main(argv: list[str] | None = None) -> None:
     sub.add_parser("features", parents=[common, sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
     sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
     s = sub.add_parser("serve", parents=[common], help="in-process and service throughput, latency and memory of a bundle")
-    s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: the served bundle)")
+    s.add_argument("--model", action="append", help="bundle folder or models:/ URI (default: the served bundle); "
+                   "given more than once, the bundles are run in turn, --rounds times each")
+    s.add_argument("--rounds", type=int, default=1, help="turns of every --model (A B A B ...), then their medians")
     s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
     s.add_argument("--idle-requests", type=int, default=50); s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=32, help="in-process batches")
@@ -385,6 +415,13 @@ def bench_main(argv: list[str] | None = None) -> None:
         print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, engine_list(a.engines), params, root), load_before)
     elif a.command == "dask": print_dask(bench_dask(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "serve":
-        results = bench_serve(a.model, engine_list(a.engines), a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
-        print_serve(results, load_before, root / ".venv-serve")
+        options = dict(engines=engine_list(a.engines), concurrency=a.concurrency, n_requests=a.requests,
+                       idle_requests=a.idle_requests, per_class=a.per_class, batch_size=a.batch_size)
+        if a.rounds == 1 and len(a.model or []) <= 1:
+            print_serve(bench_serve((a.model or [None])[0], **options), load_before, root / ".venv-serve")
+        else:
+            rows = []
+            for r in bench_serve_turns(a.model or [default_model_uri()], a.rounds, **options):
+                print(f"\nturn {r['turn']}, {r['bundle']}:"); print_serve([r], r["load_before"]); rows.append(r)
+            print(); print_turns(rows)
     else: {"engines": _engines_command, "profile": _profile_command}[a.command](a, params, root)
