@@ -320,7 +320,7 @@ def print_serve(results: list[dict], load_before: str, serve_venv: Path | None =
     if base: print("| requests/s vs cv2.dnn | " + " | ".join(f"{r['service_rps'] / base['service_rps']:.2f}x" for r in results) + " |")
     if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
-# %% ../nbs/19_bench.ipynb #c1ec8825
+# %% ../nbs/19_bench.ipynb #69560ff8
 def served_rps_key(model_uri: str | Path) -> str:
     "The variant name of the bundle at `model_uri` as `compare.served_rps` and `compare.variants` spell it: its sets joined by +."
     return "+".join(read_bundle_meta(model_uri)["feature_sets"])
