@@ -8,18 +8,18 @@ Docs: https://catdog.github.io/catdog/evaluate.html.md"""
 
 # %% ../nbs/13_evaluate.ipynb #890fc64a
 from __future__ import annotations
-import math
+import json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 from .bundle import CLASSES
-from .core import project_root
+from .core import get_logger, load_params, project_root
 from .metrics import classification_metrics, image_log_losses
 
 # %% auto #0
 __all__ = ['LOWER_IS_BETTER', 'calibration_table', 'curve_tables', 'write_plot_data', 'evaluation_figure', 'worst_predictions',
-           'show_photos', 'beats', 'apply_champion_gate']
+           'show_photos', 'beats', 'apply_champion_gate', 'registered_version', 'sync_registry']
 
 # %% ../nbs/13_evaluate.ipynb #b86ac318
 def calibration_table(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
@@ -122,3 +122,34 @@ def apply_champion_gate(client, name: str, version: str | int, test_metrics: dic
     client.set_model_version_tag(name, version, "champion_decision", decision["decision"])
     client.set_model_version_tag(name, version, "champion_reason", reason)
     return decision
+
+# %% ../nbs/13_evaluate.ipynb #650c1688
+def registered_version(client, name: str, bundle: Path | str, meta: dict, root: Path | None = None):
+    "The registry's version of model `name` holding the bundle `meta` describes; registered from `bundle` if there is none."
+    from catdog_nb.tracking import find_model_version, log_train_run
+    version = find_model_version(client, name, meta["version"])
+    if version is None:
+        _, number = log_train_run(bundle, meta, name, root=root)
+        version = client.get_model_version(name, number)
+        get_logger("catdog.evaluate").info("registered bundle %s as %s version %s", meta["version"], name, version.version)
+    return version
+
+# %% ../nbs/13_evaluate.ipynb #feab4d4f
+def sync_registry(root: Path | str | None = None) -> str:
+    "Register the bundle of `train.bundle_dir` if needed and gate it on `metrics.json`'s test figures; one line on what holds."
+    import mlflow
+    from catdog_nb.bundle import read_bundle_meta
+    from catdog_nb.tracking import mlflow_setup
+    root = Path(root or project_root())
+    params = load_params(root / "params.yaml")
+    cfg, train_cfg = params["evaluate"], params["train"]
+    bundle, metrics = root / train_cfg["bundle_dir"], json.loads((root / cfg["metrics_file"]).read_text())
+    meta = read_bundle_meta(bundle)
+    if metrics.get("bundle_version") != meta["version"]:
+        raise ValueError(f"{cfg['metrics_file']} scores bundle {metrics.get('bundle_version')}, not {meta['version']}: run `dvc repro evaluate`")
+    mlflow_setup(train_cfg["experiment"], root)
+    client, name, alias = mlflow.MlflowClient(), train_cfg["registered_model"], cfg["champion_alias"]
+    version = registered_version(client, name, bundle, meta, root)
+    decision = apply_champion_gate(client, name, version.version, metrics["test"], cfg["gate_metric"], alias)
+    holder = client.get_model_version_by_alias(name, alias).version
+    return f"registry      models:/{name}@{alias} = version {holder}; bundle {meta['version']} is version {version.version} ({decision['reason']})"
