@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
+.PHONY: pipeline compare test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
 	dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
@@ -35,10 +35,17 @@ data/raw: data/raw.dvc | $(VENV)/.pipeline
 	$(BIN)/dvc pull -q data/raw.dvc
 	touch $@
 
-# Each stage prints its progress; the end prints what the run produced (catdog_nb.core.pipeline_summary).
+# The served model and only it: split, each served set's backbone and features, train, evaluate (dvc repro evaluate),
+# then the registry made to follow the files (catdog_nb.evaluate.sync_registry: DVC skips stages whose outputs are
+# current, and the registry is outside DVC). The end prints what the run produced. A second run does nothing.
 pipeline: $(VENV)/.pipeline data/raw
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro evaluate
+	@$(BIN)/python -c "from catdog_nb.evaluate import sync_registry; print(sync_registry())"
 	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
+
+# The research: every candidate of compare.candidates (building the sets it needs) cross-validated -> compare.json.
+compare: $(VENV)/.pipeline data/raw
+	$(BIN)/dvc repro compare
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
 # tests/test_monitoring.py), chromium (the page test) and postgresql (make tracking-server, tests/test_tracking_server.py;

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
-from .bundle import CLASSES
+from .bundle import CLASSES, read_bundle_meta
 from .core import get_logger, load_params, project_root
 from .metrics import classification_metrics, image_log_losses
 
@@ -138,7 +138,6 @@ def registered_version(client, name: str, bundle: Path | str, meta: dict, root: 
 def sync_registry(root: Path | str | None = None) -> str:
     "Register the bundle of `train.bundle_dir` if needed and gate it on `metrics.json`'s test figures; one line on what holds."
     import mlflow
-    from catdog_nb.bundle import read_bundle_meta
     from catdog_nb.tracking import mlflow_setup
     root = Path(root or project_root())
     params = load_params(root / "params.yaml")
