@@ -11,8 +11,8 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline compare test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
-	dask-cluster bench-dask
+.PHONY: pipeline compare test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs bench-features \
+	bench-serve bench-soak dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
 # install, and with PYTHONDONTWRITEBYTECODE=1 (set in many CI and container shells) Python never writes it either:
@@ -94,6 +94,12 @@ readme: $(VENV)/.pipeline
 	$(BIN)/nbdev-clean --fname $(README_NB)
 	$(BIN)/jupyter nbconvert --to markdown --stdout --log-level WARN \
 	  --TagRemovePreprocessor.remove_input_tags remove-input $(README_NB) | cat -s > $(README_OUT)
+
+# The docs site (mkdocs.yml) into _site/: a page per notebook with its stored outputs (nothing is executed) and an API
+# page per module of catdog_nb. --strict: any warning, such as a broken link or a notebook missing from the nav, fails
+# the build. NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2, which this site does not use.
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir _site
 
 # The MLflow UI on the tracking store the pipeline writes to: $MLFLOW_TRACKING_URI when set, else the embedded
 # one (mlflow.db at the root, artifacts in mlartifacts/). MLFLOW_PORT=5000 by default, on loopback only.
