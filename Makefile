@@ -41,7 +41,7 @@ data/raw: data/raw.dvc | $(VENV)/.pipeline
 pipeline: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro evaluate
 	@$(BIN)/python -c "from catdog_nb.evaluate import sync_registry; print(sync_registry())"
-	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
+	@$(BIN)/python -c "from catdog_nb.cli import pipeline_summary; print(pipeline_summary())"
 
 # The research: every candidate of compare.candidates (building the sets it needs) cross-validated -> compare.json.
 compare: $(VENV)/.pipeline data/raw
