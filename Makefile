@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline compare test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
+.PHONY: pipeline compare test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme bench-features bench-serve bench-soak \
 	dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
@@ -65,6 +65,11 @@ tools:
 test: $(VENV)/.dev data/raw tools
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest
+
+# The quick loop: the notebooks' own checks, and the tests not marked slow (no server, subprocess or system tool).
+test-fast: $(VENV)/.dev data/raw
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/pytest -m "not slow"
 
 # JupyterLab on the notebooks with the project's kernel, `catdog` (this venv's Python). Run as root (usual in a
 # container), JupyterLab refuses to start unless told --allow-root.
