@@ -132,7 +132,7 @@ def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
                  "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
                  "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py", "catdog_nb/static/index.html",
                  "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/worker.txt", "requirements/dev.txt",
-                 "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
+                 "pyproject.toml", "README.md", "LICENSE", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
