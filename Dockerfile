@@ -14,7 +14,7 @@ WORKDIR /src
 # The pinned serving set first: this layer is reused until requirements/serve.txt changes.
 COPY requirements/serve.txt requirements/serve.txt
 RUN pip install --no-cache-dir -r requirements/serve.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY catdog_nb/ catdog_nb/
 # The package pins nothing itself (dependencies = []): --no-deps keeps the serving set exactly as locked.
 RUN pip install --no-cache-dir --no-deps . \

@@ -11,8 +11,8 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline compare test tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs bench-features \
-	bench-serve bench-soak dask-cluster bench-dask
+.PHONY: pipeline compare test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs \
+	bench-features bench-serve bench-soak dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
 # install, and with PYTHONDONTWRITEBYTECODE=1 (set in many CI and container shells) Python never writes it either:
@@ -41,7 +41,7 @@ data/raw: data/raw.dvc | $(VENV)/.pipeline
 pipeline: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro evaluate
 	@$(BIN)/python -c "from catdog_nb.evaluate import sync_registry; print(sync_registry())"
-	@$(BIN)/python -c "from catdog_nb.core import pipeline_summary; print(pipeline_summary())"
+	@$(BIN)/python -c "from catdog_nb.cli import pipeline_summary; print(pipeline_summary())"
 
 # The research: every candidate of compare.candidates (building the sets it needs) cross-validated -> compare.json.
 compare: $(VENV)/.pipeline data/raw
@@ -65,6 +65,11 @@ tools:
 test: $(VENV)/.dev data/raw tools
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest
+
+# The quick loop: the notebooks' own checks, and the tests not marked slow (no server, subprocess or system tool).
+test-fast: $(VENV)/.dev data/raw
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/pytest -m "not slow"
 
 # JupyterLab on the notebooks with the project's kernel, `catdog` (this venv's Python). Run as root (usual in a
 # container), JupyterLab refuses to start unless told --allow-root.

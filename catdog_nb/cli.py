@@ -1,5 +1,5 @@
 """The `catdog` console script: `catdog predict` (JSON lines per image) and `catdog serve` (the service
-under uvicorn).
+under uvicorn); and the summary that `make pipeline` prints at its end.
 
 Docs: https://catdog.github.io/catdog/cli.html.md"""
 
@@ -7,13 +7,13 @@ Docs: https://catdog.github.io/catdog/cli.html.md"""
 
 # %% ../nbs/21_cli.ipynb #3be9268e
 from __future__ import annotations
-import argparse, functools, os, shutil, tempfile
+import argparse, functools, json, os, shutil, tempfile
 from pathlib import Path
 from collections.abc import Sequence
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # %% auto #0
-__all__ = ['build_parser', 'DeadlineProtocol', 'serve', 'main']
+__all__ = ['build_parser', 'DeadlineProtocol', 'serve', 'main', 'pipeline_summary']
 
 # %% ../nbs/21_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
@@ -106,3 +106,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return predict_command(args.paths, args.model or str(default_model_uri()), args.batch_size, engine=args.engine)
     serve(args.host, args.port, args.workers, args.model, args.engine, args.log_level, args.access_log)
     return 0
+
+# %% ../nbs/21_cli.ipynb #e6feab71
+def pipeline_summary(root: Path | str | None = None) -> str:
+    "The pipeline's bundle, its test figures and where a run's plots and executed notebooks are."
+    from catdog_nb.bundle import read_bundle_meta
+    from catdog_nb.core import load_params, project_root
+    root = Path(root or project_root())
+    params = load_params(root / "params.yaml")
+    metrics_file, bundle_dir = root / params["evaluate"]["metrics_file"], root / params["train"]["bundle_dir"]
+    if not metrics_file.is_file(): return f"no {metrics_file.name} yet: run `make pipeline`"
+    meta, test = read_bundle_meta(bundle_dir), json.loads(metrics_file.read_text())["test"]
+    rel = lambda p: Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
+    return "\n".join([
+        f"served model   {rel(bundle_dir)}: feature sets {'+'.join(meta['feature_sets'])}, version {meta['version']}",
+        f"test split     accuracy {test['accuracy']:.2%}, log loss {test['log_loss']:.4f} ({rel(metrics_file)})",
+        f"plots          {params['evaluate']['plots_dir']}/ (dvc plots show)",
+        f"notebooks      reports/ (the executed stages; also attached to their MLflow runs: make mlflow-ui)"])

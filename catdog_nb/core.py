@@ -1,5 +1,5 @@
 """Project paths, `params.yaml` loading, logging, seeds, and what a pipeline stage shows in the terminal:
-its progress while it runs, how it is run, and the summary at the end of `make pipeline`.
+its progress while it runs, and how it is run.
 
 Docs: https://catdog.github.io/catdog/core.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://catdog.github.io/catdog/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #bb367c11
 from __future__ import annotations
-import json, logging, os, random, sys, tempfile, threading, time
+import logging, os, random, sys, tempfile, threading, time
 from pathlib import Path
 import numpy as np
 import yaml
@@ -15,7 +15,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DEFAULT_MAX_PIXELS', 'project_root', 'load_params', 'get_logger', 'seed_everything', 'dask_client', 'Progress',
-           'run_stage', 'pipeline_summary']
+           'run_stage']
 
 # %% ../nbs/00_core.ipynb #75b5dcaa
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service and the CLI read CATDOG_MAX_PIXELS
@@ -124,19 +124,3 @@ def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
         papermill.execute_notebook(root / "nbs" / f"{notebook}.ipynb", out, parameters=parameters, kernel_name="python3",
                                    progress_bar=False, config=config, extra_arguments=["--IPKernelApp.capture_fd_output=False"])
     return out
-
-# %% ../nbs/00_core.ipynb #4157ff95
-def pipeline_summary(root: Path | str | None = None) -> str:
-    "The served model, its test figures and where a run's plots and executed notebooks are."
-    root = Path(root or project_root())
-    params = load_params(root / "params.yaml")
-    metrics_file, bundle_dir = root / params["evaluate"]["metrics_file"], root / params["train"]["bundle_dir"]
-    if not metrics_file.is_file(): return f"no {metrics_file.name} yet: run `make pipeline`"
-    from catdog_nb.bundle import read_bundle_meta  # imported here: the bundle module builds on this one
-    meta, test = read_bundle_meta(bundle_dir), json.loads(metrics_file.read_text())["test"]
-    rel = lambda p: Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
-    return "\n".join([
-        f"served model   {rel(bundle_dir)}: feature sets {'+'.join(meta['feature_sets'])}, version {meta['version']}",
-        f"test split     accuracy {test['accuracy']:.2%}, log loss {test['log_loss']:.4f} ({rel(metrics_file)})",
-        f"plots          {params['evaluate']['plots_dir']}/ (dvc plots show)",
-        f"notebooks      reports/ (the executed stages; also attached to their MLflow runs: make mlflow-ui)"])

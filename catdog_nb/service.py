@@ -81,7 +81,7 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
     return cls(**values)
 
 # %% ../nbs/18_service.ipynb #05d6603a
-MODEL_BASE_MIB = 490  # one worker with the served bundle, warmed up, a full batch in flight
+MODEL_BASE_MIB = 490  # one worker, warmed up, a full batch in flight (make bench-serve's resident memory, with a margin)
 
 def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> float:
     "Worst-case resident memory of one worker, in MiB: the model, plus all that the limits let requests hold at once."

@@ -33,7 +33,7 @@ PER_CLASS = 120          # 240 photos, read three ways
 BATCH = 8                # images per task: some 30 tasks, enough to kill a worker in the middle
 TASK_PREFIX = "extract-features"
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

@@ -41,7 +41,7 @@ WORST_GAP_PHOTOS = 3  # see the module's docstring
 # round 3,000; these stop after about a hundred rounds, in a few blocks. Both engines train with them.
 SMALL_SAMPLE = {"learning_rate": 0.3, "lambda_l2": 1.0, "early_stopping_rounds": 25}
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,12 @@ def hadolint(path: Path) -> list[dict]:
     return json.loads(result.stdout or "[]")
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint():
     assert hadolint(DOCKERFILE) == []
 
 
+@pytest.mark.slow
 def test_hadolint_reports_a_bad_dockerfile(tmp_path):
     "The same call fails on known mistakes, so a clean report above means the file was really linted."
     bad = tmp_path / "Dockerfile"
@@ -130,7 +132,7 @@ def test_dockerignore_sends_only_what_the_image_copies(tmp_path):
                  "reports/01_data.ipynb", ".dvc/cache/files/md5/ab/cdef", ".dvc/config", ".git/HEAD",
                  "models/backbones/lite2.onnx", "models/catdog/MLmodel", "catdog_nb/__init__.py", "catdog_nb/static/index.html",
                  "catdog_nb/__pycache__/core.cpython-311.pyc", "requirements/serve.txt", "requirements/worker.txt", "requirements/dev.txt",
-                 "pyproject.toml", "README.md", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
+                 "pyproject.toml", "README.md", "LICENSE", "params.yaml", "Dockerfile", "tests/test_deploy.py", "Makefile"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -185,6 +187,7 @@ def manifests(folder: Path) -> list[str]:
 MANIFESTS, DASK_MANIFESTS = manifests(K8S), manifests(DASK)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", [K8S, DASK], ids=["k8s", "k8s/dask"])
 def test_kubernetes_manifests_validate(folder):
     "Every manifest against the offline JSON schemas of Kubernetes K8S_VERSION, unknown fields rejected (--strict)."
@@ -195,6 +198,7 @@ def test_kubernetes_manifests_validate(folder):
         assert re.search(rf"^INFO \S*{folder.relative_to(ROOT).as_posix()}/{re.escape(name)} passed ", report, re.M), report
 
 
+@pytest.mark.slow
 def test_kubernetes_validate_rejects_a_mistyped_field(tmp_path):
     "Strict mode is on: a misspelt field (replica) fails, so the passes above mean something."
     deployment = load_yaml(K8S / "deployment.yaml")
@@ -373,6 +377,7 @@ def test_dask_workers_find_the_scheduler_and_spill_to_their_emptydir(dask_k8s):
 
 # --- Prometheus -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prometheus_config_is_valid():
     result = run(system_tool("promtool"), "check", "config", "prometheus-local.yml")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -386,12 +391,14 @@ def test_prometheus_config_scrapes_the_local_service_with_the_alert_rules():
     assert [(ROOT / f).resolve() for f in config["rule_files"]] == [ALERTS.resolve()]
 
 
+@pytest.mark.slow
 def test_alert_rules_are_valid():
     result = run(system_tool("promtool"), "check", "rules", ALERTS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert {rule["alert"] for rule in alert_rules()} == {"CatdogDown", "CatdogHighErrorRatio", "CatdogHighLatencyP95"}
 
 
+@pytest.mark.slow
 def test_alert_rules_fire_on_synthetic_series():
     "promtool's rule unit tests (deployment/monitoring/alerts-test.yml): each alert fires when it should and only then."
     result = run(system_tool("promtool"), "test", "rules", ALERTS.parent / "alerts-test.yml")
@@ -455,6 +462,7 @@ def test_promql_uses_only_the_service_metrics(source, expr):
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schema", ["vendor.github-workflows", "custom.github-workflows-require-timeout"])
 def test_workflow_matches_the_github_schema(schema):
     result = run(BIN / "check-jsonschema", "--builtin-schema", schema, WORKFLOW)

@@ -130,6 +130,7 @@ CEILING_ROWS = {  # what one decode may add to the resident memory, per pixel of
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CEILING_ROWS)
 def test_decoding_memory_has_a_known_ceiling(name, training_photos, tmp_path):
     "Peak resident growth of one decode (fresh process): JPEGs are decoded at reduced scale, other formats in uint8."
@@ -167,6 +168,7 @@ def cv2_importers() -> list[str]:
                   if re.search(r"^import cv2\b", p.read_text(), re.M))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", cv2_importers())
 def test_opencv_pixel_cap_is_set_before_cv2_loads(module):
     "Each catdog module that loads cv2 sets OpenCV's own decode limit from CATDOG_MAX_PIXELS first (read once, at load)."
@@ -196,6 +198,7 @@ def assert_alive(server) -> None:
     assert httpx.get(f"{server['url']}/health", timeout=30).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ROWS)
 def test_service_answers_each_hostile_row_with_4xx(client, server, name):
     data, expected = hostile_bytes(name), ROWS[name][1]
@@ -205,6 +208,7 @@ def test_service_answers_each_hostile_row_with_4xx(client, server, name):
     assert_alive(server)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ROWS)
 def test_a_hostile_file_fails_alone_in_a_batch(client, server, photo, name):
     data, expected = hostile_bytes(name), ROWS[name][1]
@@ -228,6 +232,7 @@ def server_peak_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
+@pytest.mark.slow
 def test_overload_of_large_legal_photos_is_bounded(server):
     "24 concurrent legal 36 MP JPEGs at the default settings: 200 or 503 with Retry-After, peak memory under 1 GiB."
     big = large_jpeg(7360, 4912, quality=30)
@@ -260,6 +265,7 @@ def metric_value(url: str, name: str, **labels) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_client_gone_mid_upload_counts_as_499_not_5xx(server, photo):
     url = server["url"]
     errors, gone = metric_value(url, "catdog_requests_total", status="~5.."), metric_value(url, "catdog_requests_total", status="499")
@@ -294,6 +300,7 @@ BAD_BODIES = {  # name -> (body, content type, the library's exception text for 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_BODIES)
 def test_problem_details_carry_no_exception_text(client, name):
     body, content_type, leaked = BAD_BODIES[name]
@@ -325,6 +332,7 @@ def answer_or_close(sock: socket.socket, wait_s: float) -> bytes:
     return received
 
 
+@pytest.mark.slow
 def test_a_client_that_never_finishes_its_headers_is_cut_off(strict_server):
     with socket.create_connection(("127.0.0.1", strict_server["port"])) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n")
@@ -333,6 +341,7 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off(strict_server):
     assert_alive(strict_server)
 
 
+@pytest.mark.slow
 def test_a_client_that_stalls_in_its_body_gets_408(strict_server, photo):
     url = strict_server["url"]
     errors = metric_value(url, "catdog_requests_total", status="~5..")
@@ -345,6 +354,7 @@ def test_a_client_that_stalls_in_its_body_gets_408(strict_server, photo):
     assert_alive(strict_server)
 
 
+@pytest.mark.slow
 def test_many_stalled_connections_do_not_lock_out_a_good_client(strict_server, photo):
     "Slow clients hold no worker: with 100 stalled connections open, a good request is still answered."
     stalled = []
@@ -367,6 +377,7 @@ def test_many_stalled_connections_do_not_lock_out_a_good_client(strict_server, p
     assert r.status_code == 200, r.text[:300]
 
 
+@pytest.mark.slow
 def test_schemathesis_all_checks_coverage_and_fuzzing(server, tmp_path):
     "The OpenAPI schema says what the handlers enforce: schemathesis with every check finds nothing."
     run = subprocess.run(
@@ -378,6 +389,7 @@ def test_schemathesis_all_checks_coverage_and_fuzzing(server, tmp_path):
     assert_alive(server)
 
 
+@pytest.mark.slow
 def test_short_soak(model_bundle):
     "The soak benchmark, short: good and hostile requests at concurrency 16, clients hanging up; no 5xx, nothing unexpected."
     from catdog_nb.soak import bench_soak
@@ -406,6 +418,7 @@ def json_lines(text: str) -> dict[str, dict]:
     return {line["path"]: line for line in map(json.loads, text.splitlines())}
 
 
+@pytest.mark.slow
 def test_cli_reports_each_unusable_path_and_goes_on(model_bundle, unseen_photos, tmp_path):
     good, other = unseen_photos[0], unseen_photos[-1]
     folder = tmp_path / "folder"
@@ -434,6 +447,7 @@ def test_cli_reports_each_unusable_path_and_goes_on(model_bundle, unseen_photos,
                                            folder / "inside.jpg", *paths[5:]]]
 
 
+@pytest.mark.slow
 def test_cli_does_not_read_a_device_named_on_the_command_line(model_bundle, unseen_photos):
     "/dev/zero never ends: it is refused from `stat`, not read (the address space cap makes a read fail fast)."
     run = predict_run(model_bundle, [unseen_photos[0], "/dev/zero"], timeout=120, memory_limit=4 << 30)
@@ -535,11 +549,13 @@ def damaged_bundle_loads(model_bundle, tmp_path_factory) -> dict[str, str]:
     return {name: outcomes[str(path)] for name, path in copies.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_bundle_is_refused_with_bundle_error(damaged_bundle_loads, damage):
     assert damaged_bundle_loads[damage].startswith("BundleError:"), damaged_bundle_loads[damage]
 
 
+@pytest.mark.slow
 def test_cli_exits_2_on_a_damaged_bundle(bundle_copy, unseen_photos):
     damage_booster_cut_at_90(bundle_copy)
     run = predict_run(bundle_copy, [unseen_photos[0]], timeout=300)
@@ -547,6 +563,7 @@ def test_cli_exits_2_on_a_damaged_bundle(bundle_copy, unseen_photos):
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_service_with_a_damaged_bundle_stays_up_and_not_ready(bundle_copy, tmp_path):
     damage_booster_cut_at_90(bundle_copy)
     port, log = free_port(), tmp_path / "server.log"

@@ -27,7 +27,7 @@ SCRAPE_INTERVAL_S = 1
 QUERY_INTERVAL = "1m"
 PHOTOS_PER_ROUND = 24
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def deployed_settings() -> dict[str, str]:

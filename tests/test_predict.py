@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # `catdog predict` in subprocesses
 
 
 def catdog_predict(*args) -> subprocess.CompletedProcess:

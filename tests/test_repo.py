@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from catdog_nb.core import project_root
+
+pytestmark = pytest.mark.slow  # nbdev-export and make in subprocesses
 
 BIN = Path(sys.executable).parent
 

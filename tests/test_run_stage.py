@@ -2,6 +2,9 @@
 terminal and stays out of the executed notebook, and the kernel starts without a warning."""
 import json, os, subprocess, sys
 import nbformat
+import pytest
+
+pytestmark = pytest.mark.slow  # a papermill kernel in a subprocess
 
 STAGE = """
 import time

@@ -17,7 +17,7 @@ RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", 
 SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.engine", "catdog_nb.features",
                    "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher", "catdog_nb.monitoring", "catdog_nb.service"]
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

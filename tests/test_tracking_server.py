@@ -38,6 +38,7 @@ MODEL, EXPERIMENT = PARAMS["train"]["registered_model"], PARAMS["train"]["experi
 METRIC, ALIAS = PARAMS["evaluate"]["gate_metric"], PARAMS["evaluate"]["champion_alias"]
 COMMAND = "from catdog_nb.tracking import tracking_server_main; tracking_server_main()"  # the Makefile's
 START_TIMEOUT = 300  # initdb, then mlflow server imports MLflow twice and creates its tables: 2 min measured at load 8 on 2 cores
+pytestmark = pytest.mark.slow  # PostgreSQL and `mlflow server` processes
 
 
 def printed(proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT) -> dict:

@@ -25,6 +25,7 @@ from catdog_nb.tracking import RUN_ID_MARK, log_executed_notebook, log_train_run
 
 MODEL = "catdog"
 GATE = {"metric": "log_loss", "alias": "champion"}  # the stage passes evaluate.gate_metric and evaluate.champion_alias
+pytestmark = pytest.mark.slow  # MLflow stores, a model trained on real photos, a fresh process
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from venvs import build_venv, installed, outside_env, pinned, run_in
 CLIENT_ONLY = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx", "torch",
                "matplotlib"]
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
