@@ -109,17 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # %% ../nbs/21_cli.ipynb #e6feab71
 def pipeline_summary(root: Path | str | None = None) -> str:
-    "The pipeline's bundle, its test figures and where a run's plots and executed notebooks are."
-    from catdog_nb.bundle import read_bundle_meta
+    "The evaluated bundle, its test figures and where a run's plots and executed notebooks are (from committed files only)."
     from catdog_nb.core import load_params, project_root
     root = Path(root or project_root())
     params = load_params(root / "params.yaml")
     metrics_file, bundle_dir = root / params["evaluate"]["metrics_file"], root / params["train"]["bundle_dir"]
     if not metrics_file.is_file(): return f"no {metrics_file.name} yet: run `make pipeline`"
-    meta, test = read_bundle_meta(bundle_dir), json.loads(metrics_file.read_text())["test"]
+    metrics = json.loads(metrics_file.read_text())
+    test = metrics["test"]
     rel = lambda p: Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
     return "\n".join([
-        f"served model   {rel(bundle_dir)}: feature sets {'+'.join(meta['feature_sets'])}, version {meta['version']}",
+        f"served model   {rel(bundle_dir)}: feature sets {metrics['feature_sets'].replace(',', '+')}, version {metrics['bundle_version']}",
         f"test split     accuracy {test['accuracy']:.2%}, log loss {test['log_loss']:.4f} ({rel(metrics_file)})",
         f"plots          {params['evaluate']['plots_dir']}/ (dvc plots show)",
         f"notebooks      reports/ (the executed stages; also attached to their MLflow runs: make mlflow-ui)"])
