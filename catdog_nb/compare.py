@@ -1,8 +1,8 @@
 """Which features to serve, chosen by stratified k-fold cross-validation over the train and val photos: every
-variant (classic OpenCV descriptors, an EfficientNet-Lite embedding, or several sets together) trained the same
-way in every fold, its out-of-fold accuracy and log loss with standard errors and paired differences, its
-backbone's cost per image, and the served default picked by a rule written down before the figures (DVC stage
-`compare`). The test split is not read here.
+candidate (a combination of feature sets: the classic OpenCV descriptors, EfficientNet-Lite embeddings, or several
+together) trained the same way in every fold, its out-of-fold accuracy and log loss with standard errors and
+paired differences, and the served default picked by a rule written down before the figures, on the requests/s
+its bundle served in `make bench-serve` (DVC stage `compare`, `make compare`). The test split is not read here.
 
 Docs: https://catdog.github.io/catdog/compare.html.md"""
 
@@ -10,19 +10,23 @@ Docs: https://catdog.github.io/catdog/compare.html.md"""
 
 # %% ../nbs/14_compare.ipynb #2fed6e51
 from __future__ import annotations
-import functools, itertools, json, math
+import functools, hashlib, inspect, itertools, json, math, shutil
+from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .backbone import is_backbone_set, is_int8
-from .core import get_logger
+from .backbone import backbone_files, backbone_path, calibration_photos
+from .core import dask_client, get_logger
+from .extract import extract_features, write_tables
+from .features import FeatureExtractor, check_sets, feature_settings
 from .metrics import classification_metrics, image_log_losses, standard_errors
 from .bundle import predict_proba
 from .train import LGB_KEYS, fit_linear, load_dataset, train_booster
 
 # %% auto #0
-__all__ = ['CV_SPLITS', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics', 'paired_difference',
-           'graph_macs', 'variant_gmacs', 'evaluate_variant', 'cross_validate', 'compare_variants', 'choose_variant',
+__all__ = ['CV_SPLITS', 'COMPARE_DIR', 'SERVE_RECORDS', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold',
+           'cv_metrics', 'paired_difference', 'candidate_name', 'named_candidates', 'candidate_tables', 'served_rps',
+           'evaluate_candidate', 'cross_validate', 'compare_candidates', 'choose_candidate', 'worth_measuring',
            'search_grid', 'search_settings', 'choose_settings', 'write_comparison', 'search_summary',
            'comparison_figure']
 
@@ -35,7 +39,7 @@ def cv_rows(manifest: pd.DataFrame | Path | str) -> pd.DataFrame:
     return manifest[manifest["split"].isin(CV_SPLITS)].reset_index(drop=True)
 
 # %% ../nbs/14_compare.ipynb #8bf7e8e3
-@functools.lru_cache(maxsize=8)  # every variant of a comparison has the same rows, so the same folds
+@functools.lru_cache(maxsize=8)  # every candidate of a comparison has the same rows, so the same folds
 def _folds(y: tuple, groups: tuple, folds: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedGroupKFold
     fold = np.full(len(y), -1)
@@ -84,43 +88,80 @@ def paired_difference(y: np.ndarray, p: np.ndarray, p_ref: np.ndarray) -> dict[s
         out[f"{metric}_vs_chosen_se"] = round(float(d.std(ddof=1) / math.sqrt(len(d))), 6)
     return out
 
-# %% ../nbs/14_compare.ipynb #086f6c57
-def graph_macs(path: Path | str) -> int:
-    "Multiply-accumulates of the Conv and Gemm nodes of the ONNX graph at `path`, for one image."
-    import onnx
-    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
-    per_image = lambda v: [1, *(d.dim_value for d in v.type.tensor_type.shape.dim[1:])]  # the batch axis is 1
-    shapes = {v.name: per_image(v) for v in (*graph.input, *graph.value_info, *graph.output)}
-    shapes |= {t.name: list(t.dims) for t in graph.initializer}
-    shapes |= {n.output[0]: shapes[n.input[0]] for n in graph.node  # an INT8 graph's weights: stored int8, dequantized
-               if n.op_type == "DequantizeLinear" and n.input[0] in {t.name for t in graph.initializer}}
-    macs = 0
-    for node in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv":  # weights (out channels, in channels / group, kh, kw)
-            if 0 in shapes[node.output[0]]: raise ValueError(f"{path}: the shape of {node.output[0]} is not fixed; export the graph at one side")
-            macs += math.prod(shapes[node.output[0]]) * math.prod(shapes[node.input[1]][1:])
-        elif node.op_type == "Gemm":
-            m, k = shapes[node.input[0]][::-1] if attrs.get("transA") else shapes[node.input[0]]
-            b = shapes[node.input[1]]
-            macs += m * k * (b[0] if attrs.get("transB") else b[1])
-    return macs
+# %% ../nbs/14_compare.ipynb #1ad0e07d
+def candidate_name(sets) -> str:
+    "A candidate's name: its feature sets joined by `+`."
+    return "+".join(sets)
 
-# %% ../nbs/14_compare.ipynb #3dc3619e
-def variant_gmacs(sets: list[str], backbone_dir: Path | str, int8_cost: float = 1.0) -> float:
-    """GMACs per image of a variant: the sum over its backbone sets' graphs, an INT8 set's counted `int8_cost` times
-    (`compare.int8_cost`); the classic descriptors count 0."""
-    total = 0
-    for feature_set in sets:
-        if feature_set == "classic": continue  # OpenCV descriptors, no network
-        path = Path(backbone_dir) / f"{feature_set}.onnx"
-        if not path.is_file(): raise FileNotFoundError(f"no backbone graph {path} for feature set {feature_set!r}: run `dvc repro backbone`")
-        total += graph_macs(path) * (int8_cost if is_backbone_set(feature_set) and is_int8(feature_set) else 1.0)
-    return total / 1e9
+def named_candidates(candidates) -> dict[str, list[str]]:
+    "`{name: sets}` of `candidates` (lists of feature sets, as `compare.candidates` has them); ValueError on an empty one or a repeat."
+    named = {}
+    for sets in candidates:
+        sets = [sets] if isinstance(sets, str) else list(sets)
+        if not sets or len(set(sets)) < len(sets) or candidate_name(sets) in named:
+            raise ValueError(f"compare.candidates: {sets} is empty, repeats a set, or is listed twice")
+        named[candidate_name(sets)] = sets
+    return named
+
+# %% ../nbs/14_compare.ipynb #7fceac8e
+COMPARE_DIR = ".cache/compare"  # compare's own graphs and tables, under the project root: no stage's output, safe to delete
+
+def candidate_tables(sets, params: dict, root: Path | str, progress: bool = True) -> Path:
+    """The folder of `<set>.parquet` for each of `sets`: linked from `features.out_dir` where stage features@<set> wrote it,
+    else extracted into `<root>/.cache/compare/features` (rows from `features.cache_dir` when cached)."""
+    root, features, backbone, log = Path(root), params["features"], params["backbone"], get_logger("catdog.compare")
+    out, build = root / COMPARE_DIR / "features", []
+    out.mkdir(parents=True, exist_ok=True)
+    for s in check_sets(sets):  # a bad name fails before any work
+        served, link = root / features["out_dir"] / f"{s}.parquet", out / f"{s}.parquet"
+        if served.is_file(): link.unlink(missing_ok=True); link.symlink_to(served.resolve())
+        else: build.append(s)
+    manifest, stage_dir = root / params["data"]["manifest"], root / backbone["dir"]
+    key = hashlib.sha256(Path(inspect.getsourcefile(backbone_files)).read_bytes() + manifest.read_bytes()
+                         + f"{backbone['calibration']} {params['seed']}".encode()).hexdigest()[:12]
+    graph_dir = root / COMPARE_DIR / "backbones" / key
+    files = backbone_files([s for s in build if backbone_path(s, stage_dir).is_file()], stage_dir)
+    converted = backbone_files([s for s in build if s not in files], graph_dir,
+                               lambda: calibration_photos(manifest, backbone["calibration"], params["seed"]))
+    for s, f in converted.items():  # new ones are in a temporary folder: kept for the next run
+        if f.parent != graph_dir: graph_dir.mkdir(parents=True, exist_ok=True); f = Path(shutil.move(f, backbone_path(s, graph_dir)))
+        files[s] = f
+    for scratch in {f.parent for f in converted.values()} - {graph_dir}: shutil.rmtree(scratch)
+    rows, client = cv_rows(manifest).to_dict("records"), dask_client(features["scheduler"] or None) if build else None
+    try:
+        for i, s in enumerate(build):
+            extractor = FeatureExtractor([s], feature_settings(params, [s]), files, features["batch_size"])
+            result = extract_features(rows, extractor, features["cache_dir"], features["workers"], root, progress, client)
+            write_tables(result, out)
+            log.info("compare: set %s (%d/%d): %d images computed, %d from the cache", s, i + 1, len(build), result.computed[s], result.cached[s])
+    finally:
+        if client: client.close()
+    return out
+
+# %% ../nbs/14_compare.ipynb #757f0ef7
+SERVE_RECORDS = Path("reports/bench/serve")  # make bench-serve's records, under the project root; a dep of stage compare
+
+def _when(date: str) -> datetime:
+    "An ISO 8601 date and time; without a time zone, UTC."
+    when = datetime.fromisoformat(date)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+def served_rps(folder: Path | str) -> dict[str, float]:
+    """`{candidate name: requests/s}` of the `make bench-serve` records `<folder>/*.json` (`bundle.feature_sets`,
+    `requests_per_s`, `date`): each candidate's latest record by `date`. ValueError naming a record that lacks one."""
+    folder, latest = Path(folder), {}
+    if not folder.is_dir(): raise FileNotFoundError(f"no folder {folder}: `make bench-serve` writes its records there")
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        try: name, rps, when = candidate_name(record["bundle"]["feature_sets"]), float(record["requests_per_s"]), _when(record["date"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a bench-serve record (bundle.feature_sets, requests_per_s, date): {e!r}") from None
+        if name not in latest or when >= latest[name][0]: latest[name] = (when, rps)
+    return {name: rps for name, (_, rps) in sorted(latest.items())}
 
 # %% ../nbs/14_compare.ipynb #0eeed780
-def evaluate_variant(sets: list[str], cfg: dict, seed: int, folds: int, manifest, features_dir,
-                     progress: str | None = None) -> tuple[dict, pd.DataFrame]:
+def evaluate_candidate(sets: list[str], cfg: dict, seed: int, folds: int, manifest, features_dir,
+                       progress: str | None = None) -> tuple[dict, pd.DataFrame]:
     "(`n_features`, `mean_best_iteration` and `cv_metrics`; the out-of-fold `p` and label `y` of every row, by md5)."
     frame, columns = load_dataset(sets, cv_rows(manifest), features_dir)
     X, y = frame[columns].to_numpy(np.float32), frame["y"].to_numpy()
@@ -131,16 +172,16 @@ def evaluate_variant(sets: list[str], cfg: dict, seed: int, folds: int, manifest
 # %% ../nbs/14_compare.ipynb #d5080fa5
 def cross_validate(runs: dict[str, tuple[list[str], dict]], seed: int, folds: int, manifest, features_dir,
                    run_tags: dict | None = None, progress: str | None = None) -> tuple[dict[str, dict], pd.DataFrame]:
-    """(name -> `evaluate_variant`'s figures; `y` and each run's out-of-fold `p` by md5) of runs (feature sets, `train:`
+    """(name -> `evaluate_candidate`'s figures; `y` and each run's out-of-fold `p` by md5) of runs (feature sets, `train:`
     settings), each in a nested MLflow run of its own with its settings and figures if `run_tags` is given."""
     log, results, oof = get_logger("catdog.compare"), {}, None
     for name, (sets, cfg) in runs.items():
         label = f"{progress} {name}" if progress else None
-        if run_tags is None: result, p = evaluate_variant(sets, cfg, seed, folds, manifest, features_dir, label)
+        if run_tags is None: result, p = evaluate_candidate(sets, cfg, seed, folds, manifest, features_dir, label)
         else:
             import mlflow
             with mlflow.start_run(run_name=name, nested=True, tags={**run_tags, "feature_sets": ",".join(sets)}):
-                result, p = evaluate_variant(sets, cfg, seed, folds, manifest, features_dir, label)
+                result, p = evaluate_candidate(sets, cfg, seed, folds, manifest, features_dir, label)
                 mlflow.log_params({**{f"train.{k}": v for k, v in cfg.items()}, "seed": seed, "compare.folds": folds,
                                    "features.sets": ",".join(sets)})
                 mlflow.log_metrics(result)
@@ -150,32 +191,35 @@ def cross_validate(runs: dict[str, tuple[list[str], dict]], seed: int, folds: in
         log.info("%s %s", name, {k: v for k, v in result.items() if k.startswith("cv_")})
     return results, oof
 
-def compare_variants(variants: dict[str, list[str]], cfg: dict, seed: int, folds: int, manifest, features_dir, backbone_dir,
-                     run_tags: dict | None = None, progress: bool = False, int8_cost: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(one row per variant: `sets`, `gmacs` and `evaluate_variant`'s figures; `y` and each variant's out-of-fold `p` by md5)."
-    costs = {name: variant_gmacs(sets, backbone_dir, int8_cost) for name, sets in variants.items()}  # a missing graph fails first
-    if run_tags is not None: run_tags = {**run_tags, "search": "variants"}
-    results, oof = cross_validate({name: (sets, cfg) for name, sets in variants.items()}, seed, folds, manifest, features_dir,
+def compare_candidates(candidates, cfg: dict, seed: int, folds: int, manifest, features_dir, served: dict | None = None,
+                       run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per candidate of `candidates` (lists of feature sets): `sets`, `served_rps` (`served`'s requests/s, NaN
+    without a record) and `evaluate_candidate`'s figures; `y` and each candidate's out-of-fold `p` by md5)."""
+    named = named_candidates(candidates)
+    if run_tags is not None: run_tags = {**run_tags, "search": "candidates"}
+    results, oof = cross_validate({name: (sets, cfg) for name, sets in named.items()}, seed, folds, manifest, features_dir,
                                   run_tags, "compare" if progress else None)
-    rows = {name: {"sets": "+".join(sets), "gmacs": costs[name], **results[name]} for name, sets in variants.items()}
+    rows = {name: {"sets": sets, "served_rps": float((served or {}).get(name, np.nan)), **results[name]} for name, sets in named.items()}
     return pd.DataFrame.from_dict(rows, orient="index"), oof
 
 # %% ../nbs/14_compare.ipynb #cd35d199
-def choose_variant(table: pd.DataFrame, oof: pd.DataFrame, max_gmacs: float, served_rps: dict | None = None,
-                   min_rps: float = 30.0) -> tuple[pd.DataFrame, str]:
-    """(`table` with `served_rps`, `within_budget` and each variant's `paired_difference` from the chosen one, the chosen
-    name): the lowest `cv_log_loss` among the variants within the budget; ties to the cheaper, then to the name. A variant
-    that `served_rps` measured (name -> requests/s of `make bench-serve` runs) is within it if their median is at least
-    `min_rps`; the others, by the proxy, if they cost at most `max_gmacs`. Names not in `table` are ignored."""
-    rps = pd.Series({n: float(np.median(runs)) for n, runs in (served_rps or {}).items()}, dtype=float).reindex(table.index)
-    table = table.assign(served_rps=rps, within_budget=(rps >= min_rps).where(rps.notna(), table["gmacs"] <= max_gmacs).astype(bool))
-    if not table["within_budget"].any():
-        raise ValueError(f"no variant serves at least {min_rps} requests/s as measured (compare.served_rps) or, unmeasured, costs "
-                         f"at most compare.max_gmacs = {max_gmacs} GMACs per image: {table['gmacs'].to_dict()}")
-    candidates = table[table["within_budget"]].assign(name=lambda t: t.index)
-    chosen = candidates.sort_values(["cv_log_loss", "gmacs", "name"]).index[0]
+def choose_candidate(table: pd.DataFrame, oof: pd.DataFrame, min_rps: float) -> tuple[pd.DataFrame, str]:
+    """(`table` with each candidate's `paired_difference` from the chosen one, the chosen name): the lowest `cv_log_loss`
+    among the candidates whose `served_rps` is at least `min_rps`, ties to the name; ValueError when none is."""
+    eligible = table[table["served_rps"] >= min_rps]  # NaN, no record: not eligible
+    if eligible.empty:
+        measured = {name: rps for name, rps in table["served_rps"].items() if not np.isnan(rps)}
+        raise ValueError(f"no candidate served at least {min_rps} requests/s in a bench-serve record (measured: {measured or 'none'}): "
+                         f"run `make bench-serve` on a candidate's bundle and commit its record in {SERVE_RECORDS}/")
+    chosen = eligible.assign(name=eligible.index).sort_values(["cv_log_loss", "name"]).index[0]
     paired = {name: paired_difference(oof["y"], oof[name], oof[chosen]) for name in table.index}
     return table.join(pd.DataFrame.from_dict(paired, orient="index")), chosen
+
+def worth_measuring(table: pd.DataFrame, chosen: str | None) -> list[str]:
+    "The candidates without a bench-serve record and with a lower `cv_log_loss` than `chosen` (all of them if None), best first."
+    unmeasured = table[table["served_rps"].isna()]
+    if chosen is not None: unmeasured = unmeasured[unmeasured["cv_log_loss"] < table.loc[chosen, "cv_log_loss"]]
+    return unmeasured.sort_values("cv_log_loss", kind="stable").index.tolist()
 
 # %% ../nbs/14_compare.ipynb #ad45a731
 def search_grid(space: dict[str, list], trials: int, seed: int) -> list[dict]:
@@ -189,7 +233,7 @@ def search_grid(space: dict[str, list], trials: int, seed: int) -> list[dict]:
 # %% ../nbs/14_compare.ipynb #f6effeff
 def search_settings(sets: list[str], cfg: dict, space: dict[str, list], trials: int, seed: int, folds: int, manifest, features_dir,
                     run_tags: dict | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per trial: its settings of `space` and `evaluate_variant`'s figures, `current` (`cfg` as it is) first;
+    """(one row per trial: its settings of `space` and `evaluate_candidate`'s figures, `current` (`cfg` as it is) first;
     `y` and each trial's out-of-fold `p` by md5) for the feature sets `sets`."""
     current = {k: cfg[k] for k in space}
     drawn = [s for s in search_grid(space, trials, seed) if s != current]  # `current` is scored once
@@ -213,45 +257,46 @@ def choose_settings(table: pd.DataFrame, oof: pd.DataFrame, min_gain_se: float =
     return table, best if gain > min_gain_se * se else "current"
 
 # %% ../nbs/14_compare.ipynb #09bc1dcf
-COMPARE_COLUMNS = ["n_features", "mean_best_iteration", "gmacs", "served_rps", "within_budget", "cv_accuracy", "cv_accuracy_se", "cv_log_loss",
+COMPARE_COLUMNS = ["n_features", "mean_best_iteration", "served_rps", "cv_accuracy", "cv_accuracy_se", "cv_log_loss",
                    "cv_log_loss_se", "cv_roc_auc", "log_loss_vs_chosen", "log_loss_vs_chosen_se", "accuracy_vs_chosen",
                    "accuracy_vs_chosen_se"]
 
 def _plain(v):
-    "numpy scalars as JSON numbers and booleans; NaN (a variant not measured) as null, which JSON has and NaN is not."
+    "numpy scalars as JSON numbers and booleans; NaN (no record, or no choice) as null, which JSON has and NaN is not."
     v = v.item() if hasattr(v, "item") else v
     return None if isinstance(v, float) and np.isnan(v) else v
 
-def write_comparison(table: pd.DataFrame, chosen: str, rule: dict, metrics_file: Path | str, plot_file: Path | str,
+def write_comparison(table: pd.DataFrame, chosen: str | None, rule: dict, metrics_file: Path | str, plot_file: Path | str,
                      search: dict | None = None) -> None:
-    """`{'chosen', 'rule', 'variants'}` to `metrics_file` (JSON; `rule`: the choice's inputs), with `search` if given
-    (`search_summary`), and one row per variant to `plot_file` (CSV)."""
-    metrics = {name: {"sets": row["sets"], **{k: _plain(row[k]) for k in COMPARE_COLUMNS}} for name, row in table.iterrows()}
-    out = {"chosen": chosen, "rule": rule, "variants": metrics} | ({"search": search} if search else {})
+    """`{'chosen', 'rule', 'candidates'}` to `metrics_file` (JSON; `rule`: the choice's inputs), with `search` if given
+    (`search_summary`), and one row per candidate to `plot_file` (CSV)."""
+    table = table.reindex(columns=["sets", *COMPARE_COLUMNS])  # no choice: no paired differences
+    metrics = {name: {"sets": list(row["sets"]), **{k: _plain(row[k]) for k in COMPARE_COLUMNS}} for name, row in table.iterrows()}
+    out = {"chosen": chosen, "rule": rule, "candidates": metrics} | ({"search": search} if search else {})
     Path(metrics_file).write_text(json.dumps(out, indent=2) + "\n")
     Path(plot_file).parent.mkdir(parents=True, exist_ok=True)
-    table.rename_axis("variant").reset_index()[["variant", "sets", *COMPARE_COLUMNS]].to_csv(
+    table.assign(sets=table["sets"].map("+".join)).rename_axis("candidate").reset_index().to_csv(
         plot_file, index=False, float_format="%.6f", lineterminator="\n")
 
-def search_summary(trials: pd.DataFrame, picked: str, variant: str, space: dict, rule: dict) -> dict:
-    "compare.json's `search`: the searched variant, the rule's inputs, the picked trial and its settings, every trial's figures."
+def search_summary(trials: pd.DataFrame, picked: str, candidate: str, space: dict, rule: dict) -> dict:
+    "compare.json's `search`: the searched candidate, the rule's inputs, the picked trial and its settings, every trial's figures."
     figures = ["cv_accuracy", "cv_accuracy_se", "cv_log_loss", "cv_log_loss_se", "mean_best_iteration", "log_loss_vs_best", "log_loss_vs_best_se"]
-    return {"variant": variant, "rule": rule, "picked": picked, "settings": {k: _plain(trials.loc[picked, k]) for k in space},
+    return {"candidate": candidate, "rule": rule, "picked": picked, "settings": {k: _plain(trials.loc[picked, k]) for k in space},
             "trials": {name: {k: _plain(trials.loc[name, k]) for k in [*space, *figures]} for name in trials.index}}
 
 # %% ../nbs/14_compare.ipynb #35aeb46c
-def comparison_figure(table: pd.DataFrame, chosen: str, max_gmacs: float):
-    "CV log loss (± 1 s.e.) of each variant, by name and against its GMACs per image, with the budget and the chosen one."
+def comparison_figure(table: pd.DataFrame, chosen: str | None, min_rps: float):
+    "CV log loss (± 1 s.e.) of each candidate, coloured by the rule, with the requests/s of its bench-serve record where it has one."
     import matplotlib.pyplot as plt
-    fig, (bars, cost) = plt.subplots(1, 2, figsize=(11, 3.4))
-    pos, colours = np.arange(len(table)), ["C1" if name == chosen else "C0" for name in table.index]
-    bars.barh(pos, table["cv_log_loss"], xerr=table["cv_log_loss_se"], color=colours, capsize=3)
-    bars.set_yticks(pos, [f"{n} ({s})" for n, s in zip(table.index, table["sets"])]); bars.invert_yaxis()
-    bars.set(xlabel="CV log loss (± 1 s.e.)", title=f"CV log loss; chosen: {chosen}")
-    cost.errorbar(table["gmacs"], table["cv_log_loss"], yerr=table["cv_log_loss_se"], fmt="none", ecolor="grey", capsize=3)
-    cost.scatter(table["gmacs"], table["cv_log_loss"], c=colours, zorder=3)
-    for name, row in table.iterrows(): cost.annotate(name, (row["gmacs"], row["cv_log_loss"]), textcoords="offset points", xytext=(4, 4))
-    cost.axvline(max_gmacs, color="grey", ls="--", label=f"budget {max_gmacs} GMACs")
-    cost.set(xlabel="backbone GMACs per image", ylabel="CV log loss", title="Log loss against cost"); cost.legend()
+    from matplotlib.patches import Patch
+    colours = {"chosen": "C1", f"served at least {min_rps:g} requests/s": "C0", "no record, or slower": "C7"}
+    kind = ["chosen" if name == chosen else list(colours)[1] if rps >= min_rps else list(colours)[2] for name, rps in table["served_rps"].items()]
+    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.28 * len(table)))
+    pos = np.arange(len(table))
+    ax.barh(pos, table["cv_log_loss"], xerr=table["cv_log_loss_se"], color=[colours[k] for k in kind], capsize=3)
+    ax.set_yticks(pos, [name if np.isnan(rps) else f"{name} ({rps:g} req/s)" for name, rps in table["served_rps"].items()])
+    ax.invert_yaxis()
+    ax.set(xlabel="CV log loss (± 1 s.e.)")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], loc="lower right", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()
     return fig

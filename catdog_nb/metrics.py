@@ -1,4 +1,4 @@
-"""The figures every split and every variant is measured by: accuracy, ROC AUC, log loss, F1, calibration
+"""The figures every split and every candidate is measured by: accuracy, ROC AUC, log loss, F1, calibration
 error, each image's log loss, and the standard errors that say how much of a difference is noise.
 
 Docs: https://catdog.github.io/catdog/metrics.html.md"""
