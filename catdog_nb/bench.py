@@ -24,8 +24,7 @@ from .predict import Classifier, default_model_uri
 # %% auto #0
 __all__ = ['PROFILE_STEPS', 'load_average', 'backbone_speed', 'bench_backbones', 'profile_path', 'bench_features',
            'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service', 'bench_client',
-           'serve_once', 'bench_serve', 'print_serve', 'served_rps_key', 'bench_serve_turns', 'print_turns',
-           'print_backbones', 'print_profile', 'bench_main']
+           'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average() -> str:
@@ -290,32 +289,6 @@ def print_serve(r: dict, load_before: str, serve_venv: Path | None = None) -> No
         print(f"| {label.format(**r)} | " + " / ".join("-" if r.get(k) is None else fmt.format(r[k]) for k in keys) + " |")
     if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
-# %% ../nbs/19_bench.ipynb #69560ff8
-def served_rps_key(model_uri: str | Path) -> str:
-    "The variant name of the bundle at `model_uri` as `compare.served_rps` and `compare.variants` spell it: its sets joined by +."
-    return "+".join(read_bundle_meta(model_uri)["feature_sets"])
-
-def bench_serve_turns(model_uris: list, rounds: int = 3, **options):
-    "`bench_serve` of each bundle in turn, `rounds` times (A B A B ...): yields a row per run as it ends."
-    folders = [resolve_bundle(uri) for uri in model_uris]  # a models:/ URI fetched once, not each turn
-    for turn in range(1, rounds + 1):
-        for uri, folder in zip(model_uris, folders):
-            load_before = load_average()
-            yield bench_serve(folder, **options) | {"bundle": str(uri), "variant": served_rps_key(folder), "turn": turn,
-                                                    "load_before": load_before}
-
-def print_turns(rows: list[dict]) -> None:
-    "Requests/s of each bundle, turn by turn, their median, and the `compare.served_rps` lines to record."
-    print("| bundle | requests/s, turn by turn | median | in-process img/s, median |\n| --- | --- | ---: | ---: |")
-    groups = {}
-    for r in rows: groups.setdefault((r["bundle"], r["variant"]), []).append(r)
-    for (bundle, variant), runs in groups.items():
-        rps = [r["service_rps"] for r in runs]
-        print(f"| {bundle} ({variant}) | {', '.join(f'{x:.1f}' for x in rps)} | {np.median(rps):.1f} | "
-              f"{np.median([r['in_process_ips'] for r in runs]):.1f} |")
-    print("compare.served_rps:")
-    for (bundle, variant), runs in groups.items(): print(f"  {variant}: [{', '.join(format(r['service_rps'], '.1f') for r in runs)}]")
-
 # %% ../nbs/19_bench.ipynb #5b92374f
 def print_backbones(results: list[dict], load_before: str, batch_size: int) -> None:
     print(f"backbones alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
@@ -360,9 +333,7 @@ def bench_main(argv: list[str] | None = None) -> None:
     sub.add_parser("features", parents=[sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
     sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
     s = sub.add_parser("serve", help="in-process and service throughput, latency and memory of a bundle")
-    s.add_argument("--model", action="append", help="bundle folder or models:/ URI (default: the served bundle); "
-                   "given more than once, the bundles are run in turn, --rounds times each")
-    s.add_argument("--rounds", type=int, default=1, help="turns of every --model (A B A B ...), then their medians")
+    s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: params.yaml train.bundle_dir)")
     s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
     s.add_argument("--idle-requests", type=int, default=50); s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=32, help="in-process batches")
@@ -379,13 +350,6 @@ def bench_main(argv: list[str] | None = None) -> None:
         print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "dask": print_dask(bench_dask(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "serve":
-        options = dict(concurrency=a.concurrency, n_requests=a.requests,
-                       idle_requests=a.idle_requests, per_class=a.per_class, batch_size=a.batch_size)
-        if a.rounds == 1 and len(a.model or []) <= 1:
-            print_serve(bench_serve((a.model or [None])[0], **options), load_before, root / ".venv-serve")
-        else:
-            rows = []
-            for r in bench_serve_turns(a.model or [default_model_uri()], a.rounds, **options):
-                print(f"\nturn {r['turn']}, {r['bundle']}:"); print_serve(r, r["load_before"]); rows.append(r)
-            print(); print_turns(rows)
+        figures = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
+        print_serve(figures, load_before, root / ".venv-serve")
     else: {"backbones": _backbones_command, "profile": _profile_command}[a.command](a, params, root)
