@@ -155,9 +155,8 @@ $(SERVE_VENV)/.serve: requirements/serve.txt pyproject.toml $(wildcard catdog_nb
 	$(UV) pip install --python $(SERVE_VENV)/bin/python -q --compile-bytecode --no-deps --reinstall-package catdog_nb .
 	touch $@
 
-# The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency.
-# Two bundles in turn, three runs each, and their medians (compare.served_rps):
-#   make bench-serve BENCH_ARGS="--model models/catdog --model models:/catdog/5 --rounds 3"
+# The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency,
+# memory. One bundle (default params.yaml train.bundle_dir): make bench-serve BENCH_ARGS="--model models:/catdog/5"
 bench-serve: $(VENV)/.pipeline data/raw $(SERVE_VENV)/.serve
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
 

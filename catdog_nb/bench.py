@@ -1,6 +1,6 @@
-"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve`, and of the engine and per-image profiles
-behind them: each prints its figures as Markdown tables with the load average, both engines side by side
-in one run. Figures come from these runs on a quiet machine, never from timed tests.
+"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve`, and of the backbone and per-image
+profiles behind them: each prints its figures as Markdown tables with the load average. Figures come from these
+runs on a quiet machine, never from timed tests.
 
 Docs: https://catdog.github.io/catdog/bench.html.md"""
 
@@ -13,19 +13,18 @@ from pathlib import Path
 from .core import load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
-from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set, runs_on
+from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set
 from .bundle import LinearHead, predict_proba, read_bundle_meta, resolve_bundle
 from .data import sample_photos
-from .engine import ENGINES, available_cores, center_square, check_engine, load_engine, normalise_into
+from .engine import available_cores, center_square, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
 from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
-__all__ = ['PROFILE_STEPS', 'load_average', 'engine_list', 'engine_speed', 'bench_engines', 'profile_path', 'usable_engines',
-           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
-           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'served_rps_key', 'bench_serve_turns',
-           'print_turns', 'print_engines', 'print_profile', 'bench_main']
+__all__ = ['PROFILE_STEPS', 'load_average', 'backbone_speed', 'bench_backbones', 'profile_path', 'bench_features',
+           'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service', 'bench_client',
+           'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average() -> str:
@@ -33,14 +32,10 @@ def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {available_cores()} cores"
 
-def engine_list(engines: str | None) -> tuple[str, ...]:
-    "A comma-separated choice of engines (default: all of `ENGINES`), checked."
-    return tuple(check_engine(e.strip()) for e in engines.split(",") if e.strip()) if engines else ENGINES
-
 # %% ../nbs/19_bench.ipynb #068fed64
-def engine_speed(path: Path | str, size: int, engine: str, threads: int, batch_size: int = 16, rounds: int = 6) -> float:
-    "Images per second of `engine` running the backbone at `path`: median of `rounds` batches after a warm-up."
-    runner = load_engine(path, engine, threads)
+def backbone_speed(path: Path | str, size: int, threads: int, batch_size: int = 16, rounds: int = 6) -> float:
+    "Images per second of the backbone at `path`: median of `rounds` batches after a warm-up."
+    runner = load_engine(path, threads)
     batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), np.float32)
     runner.run(batch, ["embedding"])  # the first run allocates
     seconds = []
@@ -48,19 +43,18 @@ def engine_speed(path: Path | str, size: int, engine: str, threads: int, batch_s
         start = time.perf_counter(); runner.run(batch, ["embedding"]); seconds.append(time.perf_counter() - start)
     return batch_size / float(np.median(seconds))
 
-def bench_engines(backbones: dict[str, Path], threads=(1, 2), engines=ENGINES, batch_size: int = 16, rounds: int = 6) -> list[dict]:
-    "`engine_speed` of each backbone (`{variant: onnx file}`), thread count and engine (of those that run it: `runs_on`)."
-    return [{"variant": variant, "threads": t, "engine": engine,
-             "img_s": engine_speed(path, input_size(variant), engine, t, batch_size, rounds)}
-            for variant, path in backbones.items() for t in threads for engine in engines if runs_on(variant, engine)]
+def bench_backbones(backbones: dict[str, Path], threads=(1, 2), batch_size: int = 16, rounds: int = 6) -> list[dict]:
+    "`backbone_speed` of each backbone (`{set: onnx file}`) and thread count."
+    return [{"set": name, "threads": t, "img_s": backbone_speed(path, input_size(name), t, batch_size, rounds)}
+            for name, path in backbones.items() for t in threads]
 
 # %% ../nbs/19_bench.ipynb #b95aa3c4
 PROFILE_STEPS = ("decode", "square crop", "resize", "normalise", "forward", "booster")
 
-def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, booster, engine: str,
-                 batch_size: int = 16, threads: int = 1, head: LinearHead | None = None) -> dict[str, float]:
+def profile_path(blobs: list[bytes], decode, backbone: Path | str, size: int, booster, batch_size: int = 16,
+                 threads: int = 1, head: LinearHead | None = None) -> dict[str, float]:
     "Seconds per image spent in each of `PROFILE_STEPS` on the encoded photos `blobs`, `batch_size` at a time."
-    runner, spent = load_engine(backbone, engine, threads), dict.fromkeys(PROFILE_STEPS, 0.0)
+    runner, spent = load_engine(backbone, threads), dict.fromkeys(PROFILE_STEPS, 0.0)
     def timed(step, f, *args):
         start = time.perf_counter(); out = f(*args); spent[step] += time.perf_counter() - start
         return out
@@ -98,44 +92,32 @@ def _rate(pool, tasks: list, n_images: int) -> float:
     return rate
 
 # %% ../nbs/19_bench.ipynb #35722a85
-def usable_engines(sets, engines) -> list[str]:
-    "Those of `engines` that run every backbone set of `sets` (cv2.dnn runs no INT8 set)."
-    return [e for e in engines if all(runs_on(s, e) for s in sets if is_backbone_set(s))]
-
-def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None, engines=ENGINES,
+def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | None = None,
                    params: dict | None = None, root: Path | str | None = None) -> list[dict]:
-    "Throughput of each of `sets` (default: the served ones, `train.feature_sets`) and of all together, per engine."
+    "Throughput of each of `sets` (default: the served ones, `train.feature_sets`) and of all together."
     root, params = Path(root or project_root()), params or load_params()
     rows = _bench_sample(root / params["data"]["raw_dir"], n, root)
     workers, sets = workers or default_workers(), check_sets(sets or params["train"]["feature_sets"])
     results = []
-    for variant in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
-        deep = any(map(is_backbone_set, variant))
-        for engine in usable_engines(variant, engines) if deep else [None]:  # the classic descriptors run no network
-            overrides = {"batch_size": batch_size} if batch_size else {}
-            if engine: overrides["engine"] = engine
-            extractor = FeatureExtractor.from_params(params, sets=variant, root=root, **overrides)
-            tasks = _bench_tasks(rows, extractor, root)
-            rates = {w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows)) for w in sorted({1, workers})}
-            results.append({"sets": "+".join(variant), "engine": engine or "-", "batch_size": extractor.batch_size, "images": len(rows),
-                            "img_s_1_process": rates[1], "workers": workers, "img_s_all": rates[workers],
-                            "parallel_efficiency": rates[workers] / (workers * rates[1])})
+    for together in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
+        overrides = {"batch_size": batch_size} if batch_size else {}
+        extractor = FeatureExtractor.from_params(params, sets=together, root=root, **overrides)
+        tasks = _bench_tasks(rows, extractor, root)
+        rates = {w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows)) for w in sorted({1, workers})}
+        results.append({"sets": "+".join(together), "batch_size": extractor.batch_size, "images": len(rows),
+                        "img_s_1_process": rates[1], "workers": workers, "img_s_all": rates[workers],
+                        "parallel_efficiency": rates[workers] / (workers * rates[1])})
     return results
 
 # %% ../nbs/19_bench.ipynb #850bc9f4
-def _speedup(rows: list[dict], row: dict, key: str, group: tuple) -> str:
-    "`row[key]` over the `opencv` row's with the same `group` values, as `1.93x` (blank where there is none)."
-    base = next((r for r in rows if r["engine"] == "opencv" and all(r[g] == row[g] for g in group)), None)
-    return f"{row[key] / base[key]:.2f}x" if base and row["engine"] not in ("opencv", "-") else ""
-
 def print_features(results: list[dict], load_before: str) -> None:
-    "The table of `bench_features`, with the speed-up of each engine over `cv2.dnn`."
+    "The table of `bench_features`."
     print(f"feature extraction incl. JPEG decode, {results[0]['images']} photos; before: {load_before}; after: {load_average()}")
-    print("| sets | engine | batch | img/s, 1 process | img/s, all processes | vs cv2.dnn | parallel efficiency |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| sets | batch | img/s, 1 process | img/s, all processes | parallel efficiency |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['sets']} | {r['engine']} | {r['batch_size']} | {r['img_s_1_process']:.1f} | {r['img_s_all']:.1f} "
-              f"({r['workers']} processes) | {_speedup(results, r, 'img_s_all', ('sets',))} | {r['parallel_efficiency']:.2f} |")
+        print(f"| {r['sets']} | {r['batch_size']} | {r['img_s_1_process']:.1f} | {r['img_s_all']:.1f} "
+              f"({r['workers']} processes) | {r['parallel_efficiency']:.2f} |")
 
 # %% ../nbs/19_bench.ipynb #72facb50
 def _dask_rate(init_args: dict, tasks: list, workers: int, n_images: int) -> float:
@@ -155,7 +137,7 @@ def bench_dask(n: int = 480, sets=None, workers: int = 0, batch_size: int | None
     for path, rate in (("local processes", lambda w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows))),
                        ("Dask cluster", lambda w: _dask_rate(extractor.init_args, tasks, w, len(rows)))):
         rates = {w: rate(w) for w in sorted({1, workers})}
-        results.append({"path": path, "sets": "+".join(extractor.sets), "engine": extractor.engine, "images": len(rows),
+        results.append({"path": path, "sets": "+".join(extractor.sets), "images": len(rows),
                         "batch_size": extractor.batch_size, "workers": workers, "img_s_1": rates[1], "img_s_all": rates[workers],
                         "parallel_efficiency": rates[workers] / (workers * rates[1])})
     return results
@@ -164,7 +146,7 @@ def bench_dask(n: int = 480, sets=None, workers: int = 0, batch_size: int | None
 def print_dask(results: list[dict], load_before: str) -> None:
     "The table of `bench_dask`, with each path's throughput over the local processes'."
     r0 = results[0]
-    print(f"extraction of {r0['sets']} ({r0['engine']}, tasks of {r0['batch_size']}) incl. JPEG decode, {r0['images']} photos; "
+    print(f"extraction of {r0['sets']} (tasks of {r0['batch_size']}) incl. JPEG decode, {r0['images']} photos; "
           f"before: {load_before}; after: {load_average()}")
     print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -172,10 +154,9 @@ def print_dask(results: list[dict], load_before: str) -> None:
         print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
 # %% ../nbs/19_bench.ipynb #d78a6f81
-def in_process_throughput(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2,
-                          engine: str = ENGINES[0]) -> float:
+def in_process_throughput(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2) -> float:
     "Images per second of `Classifier.predict_bytes` on `blobs` in batches of `batch_size` (after a warm-up batch)."
-    classifier = Classifier.load(model_uri, batch_size=batch_size, engine=engine)
+    classifier = Classifier.load(model_uri, batch_size=batch_size)
     classifier.predict_bytes(blobs[:batch_size])
     start = time.perf_counter()
     for _ in range(rounds):
@@ -249,13 +230,13 @@ def _disk_mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
 
 # %% ../nbs/19_bench.ipynb #592bb986
-def serve_once(model_uri: str | Path, engine: str, photos: list[Path], concurrency: int = 8, n_requests: int = 800,
+def serve_once(model_uri: str | Path, photos: list[Path], concurrency: int = 8, n_requests: int = 800,
                idle_requests: int = 50) -> dict:
-    "`catdog serve` with `CATDOG_ENGINE=engine` on a free loopback port, driven by `bench_client` in a second process."
+    "`catdog serve` of `model_uri` on a free loopback port, driven by `bench_client` in a second process."
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     script = Path(sys.executable).parent / "catdog"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from catdog_nb.cli import main; main()"]
-    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri), "CATDOG_ENGINE": engine}
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri)}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -273,28 +254,20 @@ def serve_once(model_uri: str | Path, engine: str, photos: list[Path], concurren
         finally:
             server.terminate(); server.wait(30)
     ms = lambda xs, q: float(np.percentile(xs, q) * 1000)
-    return {"engine": engine, "service_rps": n_requests / run["wall_s"], "statuses": run["statuses"],
+    return {"service_rps": n_requests / run["wall_s"], "statuses": run["statuses"],
             "p50_ms": ms(run["latencies"], 50), "p95_ms": ms(run["latencies"], 95), "p99_ms": ms(run["latencies"], 99),
             "idle_p50_ms": ms(run["idle"], 50), "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak")}
 
 # %% ../nbs/19_bench.ipynb #db7f19ce
-def bench_serve(model_uri: str | Path | None = None, engines=ENGINES, concurrency: int = 8, n_requests: int = 800,
-                idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> list[dict]:
-    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one) under each engine that runs it."
+def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_requests: int = 800,
+                idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> dict:
+    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one)."
     model_uri = resolve_bundle(model_uri or default_model_uri())  # a models:/ URI fetched once, here, not by each step
-    sets = read_bundle_meta(model_uri)["feature_sets"]
-    engines = usable_engines(sets, engines)
-    if not engines: raise SystemExit(f"bench serve: no engine of those asked runs every set of {model_uri} ({', '.join(sets)})")
     photos = sample_photos(per_class)
-    blobs = [p.read_bytes() for p in photos]
-    results = []
-    for engine in engines:
-        in_process = in_process_throughput(model_uri, blobs, batch_size, engine=engine)
-        figures = serve_once(model_uri, engine, photos, concurrency, n_requests, idle_requests)
-        results.append(figures | {"in_process_ips": in_process, "ratio": figures["service_rps"] / in_process,
-                                  "photos": len(photos), "concurrency": concurrency, "requests": n_requests,
-                                  "batch_size": batch_size})
-    return results
+    in_process = in_process_throughput(model_uri, [p.read_bytes() for p in photos], batch_size)
+    figures = serve_once(model_uri, photos, concurrency, n_requests, idle_requests)
+    return figures | {"in_process_ips": in_process, "ratio": figures["service_rps"] / in_process, "photos": len(photos),
+                      "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size}
 
 # %% ../nbs/19_bench.ipynb #1869f4dd
 _SERVE_ROWS = {  # figure -> (key, format)
@@ -307,60 +280,27 @@ _SERVE_ROWS = {  # figure -> (key, format)
     "statuses": ("statuses", "{}"),
 }
 
-def print_serve(results: list[dict], load_before: str, serve_venv: Path | None = None) -> None:
-    "The figures of `bench_serve`, one column per engine, and the speed-up in requests/s over `cv2.dnn`."
-    print(f"service benchmark, {results[0]['photos']} photos; before: {load_before}; after: {load_average()}")
-    print("| figure | " + " | ".join(r["engine"] for r in results) + " |")
-    print("| --- |" + " ---: |" * len(results))
+def print_serve(r: dict, load_before: str, serve_venv: Path | None = None) -> None:
+    "The figures of `bench_serve` as a Markdown table."
+    print(f"service benchmark, {r['photos']} photos; before: {load_before}; after: {load_average()}")
+    print("| figure | value |\n| --- | ---: |")
     for label, (keys, fmt) in _SERVE_ROWS.items():
         keys = keys if isinstance(keys, tuple) else (keys,)
-        cells = [" / ".join("-" if r.get(k) is None else fmt.format(r[k]) for k in keys) for r in results]
-        print(f"| {label.format(**results[0])} | " + " | ".join(cells) + " |")
-    base = next((r for r in results if r["engine"] == "opencv"), None)
-    if base: print("| requests/s vs cv2.dnn | " + " | ".join(f"{r['service_rps'] / base['service_rps']:.2f}x" for r in results) + " |")
+        print(f"| {label.format(**r)} | " + " / ".join("-" if r.get(k) is None else fmt.format(r[k]) for k in keys) + " |")
     if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
-# %% ../nbs/19_bench.ipynb #69560ff8
-def served_rps_key(model_uri: str | Path) -> str:
-    "The variant name of the bundle at `model_uri` as `compare.served_rps` and `compare.variants` spell it: its sets joined by +."
-    return "+".join(read_bundle_meta(model_uri)["feature_sets"])
-
-def bench_serve_turns(model_uris: list, rounds: int = 3, **options):
-    "`bench_serve` of each bundle in turn, `rounds` times (A B A B ...): yields a row per run and engine as it ends."
-    folders = [resolve_bundle(uri) for uri in model_uris]  # a models:/ URI fetched once, not each turn
-    for turn in range(1, rounds + 1):
-        for uri, folder in zip(model_uris, folders):
-            load_before = load_average()
-            for row in bench_serve(folder, **options):
-                yield row | {"bundle": str(uri), "variant": served_rps_key(folder), "turn": turn, "load_before": load_before}
-
-def print_turns(rows: list[dict]) -> None:
-    "Requests/s of each bundle and engine, turn by turn, their median, and the `compare.served_rps` lines to record."
-    print("| bundle | engine | requests/s, turn by turn | median | in-process img/s, median |\n| --- | --- | --- | ---: | ---: |")
-    groups = {}
-    for r in rows: groups.setdefault((r["bundle"], r["variant"], r["engine"]), []).append(r)
-    for (bundle, variant, engine), runs in groups.items():
-        rps = [r["service_rps"] for r in runs]
-        print(f"| {bundle} ({variant}) | {engine} | {', '.join(f'{x:.1f}' for x in rps)} | {np.median(rps):.1f} | "
-              f"{np.median([r['in_process_ips'] for r in runs]):.1f} |")
-    print("compare.served_rps (onnxruntime):")
-    for (bundle, variant, engine), runs in groups.items():
-        if engine == "onnxruntime": print(f"  {variant}: [{', '.join(format(r['service_rps'], '.1f') for r in runs)}]")
-
 # %% ../nbs/19_bench.ipynb #5b92374f
-def print_engines(results: list[dict], load_before: str, batch_size: int) -> None:
-    print(f"engines alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
-    print("| backbone | threads | engine | img/s | vs cv2.dnn |\n| --- | ---: | --- | ---: | ---: |")
-    for r in results:
-        print(f"| {r['variant']} | {r['threads']} | {r['engine']} | {r['img_s']:.1f} | {_speedup(results, r, 'img_s', ('variant', 'threads'))} |")
+def print_backbones(results: list[dict], load_before: str, batch_size: int) -> None:
+    print(f"backbones alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
+    print("| backbone | threads | img/s |\n| --- | ---: | ---: |")
+    for r in results: print(f"| {r['set']} | {r['threads']} | {r['img_s']:.1f} |")
 
-def print_profile(profiles: dict[str, dict], load_before: str) -> None:
-    "Milliseconds per image and share of each step, one column pair per engine."
+def print_profile(profile: dict[str, float], load_before: str) -> None:
+    "Milliseconds per image and share of each step."
     print(f"per-image path, milliseconds and share of the total; before: {load_before}; after: {load_average()}")
-    print("| step | " + " | ".join(f"{e} ms | {e} share" for e in profiles) + " |\n| --- |" + " ---: | ---: |" * len(profiles))
-    for step in [*PROFILE_STEPS, "total"]:
-        cells = [(sum(p.values()) if step == "total" else p[step], sum(p.values())) for p in profiles.values()]
-        print(f"| {step} | " + " | ".join(f"{s * 1000:.2f} | {s / total:.1%}" for s, total in cells) + " |")
+    total = sum(profile.values())
+    print("| step | ms | share |\n| --- | ---: | ---: |")
+    for step, seconds in [*profile.items(), ("total", total)]: print(f"| {step} | {seconds * 1000:.2f} | {seconds / total:.1%} |")
 
 # %% ../nbs/19_bench.ipynb #ee60ca78
 def _profile_command(a, params: dict, root: Path) -> None:
@@ -369,59 +309,47 @@ def _profile_command(a, params: dict, root: Path) -> None:
     if classifier.extractor.sets != tuple(deep[:1]):
         raise SystemExit(f"profile: the bundle's sets are {classifier.extractor.sets}; it profiles one backbone alone")
     blobs, load_before = [p.read_bytes() for p in sample_photos(a.n // 2)], load_average()
-    profiles = {e: profile_path(blobs, classifier.decode, classifier.extractor.backbones[deep[0]],
-                                input_size(deep[0]), classifier.booster, e, a.batch_size, a.threads, classifier.head)
-                for e in engine_list(a.engines)}
-    print_profile(profiles, load_before)
+    profile = profile_path(blobs, classifier.decode, classifier.extractor.backbones[deep[0]], input_size(deep[0]),
+                           classifier.booster, a.batch_size, a.threads, classifier.head)
+    print_profile(profile, load_before)
 
-def _engines_command(a, params: dict, root: Path) -> None:
-    files = backbone_files(a.variants.split(",") if a.variants else params["backbone"]["variants"], root / params["backbone"]["dir"],
+def _backbones_command(a, params: dict, root: Path) -> None:
+    files = backbone_files(a.sets.split(",") if a.sets else params["backbone"]["variants"], root / params["backbone"]["dir"],
                            lambda: calibration_photos(params["data"]["manifest"], params["backbone"]["calibration"], params["seed"]))
     load_before = load_average()
     threads = [int(t) for t in a.threads.split(",")]
-    print_engines(bench_engines(files, threads, engine_list(a.engines), a.batch_size, a.rounds), load_before, a.batch_size)
+    print_backbones(bench_backbones(files, threads, a.batch_size, a.rounds), load_before, a.batch_size)
 
 # %% ../nbs/19_bench.ipynb #c868727e
 def bench_main(argv: list[str] | None = None) -> None:
-    "`features | dask | serve | engines | profile` and their options: prints Markdown tables with the load average."
-    p = argparse.ArgumentParser(prog="catdog_nb.bench", description="Benchmarks; both engines side by side unless --engines says otherwise.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--engines", default=None, help=f"comma-separated, from {','.join(ENGINES)} (default: all)")
+    "`features | dask | serve | backbones | profile` and their options: prints Markdown tables with the load average."
+    p = argparse.ArgumentParser(prog="catdog_nb.bench", description="Benchmarks: Markdown tables with the load average.")
     sub = p.add_subparsers(dest="command", required=True)
     sample = argparse.ArgumentParser(add_help=False)
     sample.add_argument("--n", type=int, default=480, help="photos in the sample")
     sample.add_argument("--sets", default=None, help="comma-separated sets (default: params.yaml train.feature_sets)")
     sample.add_argument("--workers", type=int, default=0, help="processes or Dask workers for the all-cores run (0 = one per core)")
     sample.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
-    sub.add_parser("features", parents=[common, sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
+    sub.add_parser("features", parents=[sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
     sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
-    s = sub.add_parser("serve", parents=[common], help="in-process and service throughput, latency and memory of a bundle")
-    s.add_argument("--model", action="append", help="bundle folder or models:/ URI (default: the served bundle); "
-                   "given more than once, the bundles are run in turn, --rounds times each")
-    s.add_argument("--rounds", type=int, default=1, help="turns of every --model (A B A B ...), then their medians")
+    s = sub.add_parser("serve", help="in-process and service throughput, latency and memory of a bundle")
+    s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: params.yaml train.bundle_dir)")
     s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
     s.add_argument("--idle-requests", type=int, default=50); s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=32, help="in-process batches")
-    e = sub.add_parser("engines", parents=[common], help="the backbones alone, random input")
-    e.add_argument("--variants", default=None, help="default: params.yaml backbone.variants")
+    e = sub.add_parser("backbones", help="the backbones alone, random input")
+    e.add_argument("--sets", default=None, help="comma-separated backbone sets (default: params.yaml backbone.variants)")
     e.add_argument("--threads", default="1,2"); e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--rounds", type=int, default=6)
-    r = sub.add_parser("profile", parents=[common], help="share of time per step of the per-image path of the served bundle")
+    r = sub.add_parser("profile", help="share of time per step of the per-image path of the served bundle")
     r.add_argument("--model", default=None); r.add_argument("--n", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=16); r.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     params, root, load_before = load_params(), project_root(), load_average()
     if a.command == "features":
-        print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, engine_list(a.engines), params, root), load_before)
+        print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "dask": print_dask(bench_dask(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
     elif a.command == "serve":
-        options = dict(engines=engine_list(a.engines), concurrency=a.concurrency, n_requests=a.requests,
-                       idle_requests=a.idle_requests, per_class=a.per_class, batch_size=a.batch_size)
-        if a.rounds == 1 and len(a.model or []) <= 1:
-            print_serve(bench_serve((a.model or [None])[0], **options), load_before, root / ".venv-serve")
-        else:
-            rows = []
-            for r in bench_serve_turns(a.model or [default_model_uri()], a.rounds, **options):
-                print(f"\nturn {r['turn']}, {r['bundle']}:"); print_serve([r], r["load_before"]); rows.append(r)
-            print(); print_turns(rows)
-    else: {"engines": _engines_command, "profile": _profile_command}[a.command](a, params, root)
+        figures = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
+        print_serve(figures, load_before, root / ".venv-serve")
+    else: {"backbones": _backbones_command, "profile": _profile_command}[a.command](a, params, root)

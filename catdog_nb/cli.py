@@ -17,22 +17,18 @@ __all__ = ['build_parser', 'DeadlineProtocol', 'serve', 'main', 'pipeline_summar
 
 # %% ../nbs/21_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
-    from catdog_nb.engine import ENGINES
     parser = argparse.ArgumentParser(prog="catdog", description="Cats vs dogs: predict from files, or serve the model.")
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "bundle folder or models:/ URI (default: $CATDOG_MODEL_URI, else params.yaml train.bundle_dir)"
-    engine_help = f"what runs the backbone (default: $CATDOG_ENGINE, else {ENGINES[0]})"
     p = commands.add_parser("predict", help="classify image files and folders; one JSON line per image")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--engine", choices=ENGINES, help=engine_help)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     s.add_argument("--workers", type=int, help="worker processes (default: $CATDOG_WORKERS, else the service's default)")
     s.add_argument("--model", help=model_help)
-    s.add_argument("--engine", choices=ENGINES, help=engine_help)
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="(default: $CATDOG_LOG_LEVEL, else the service's default)")
     s.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
@@ -73,12 +69,11 @@ class DeadlineProtocol(HttpToolsProtocol):
 
 # %% ../nbs/21_cli.ipynb #ffce6782
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None, model: str | None = None,
-          engine: str | None = None, log_level: str | None = None, access_log: bool = False) -> None:
+          log_level: str | None = None, access_log: bool = False) -> None:
     "Run the service under uvicorn until interrupted; unset options keep their `CATDOG_*` variable or default."
     import uvicorn
     from catdog_nb.service import Settings
     if model: os.environ["CATDOG_MODEL_URI"] = model
-    if engine: os.environ["CATDOG_ENGINE"] = engine
     if workers is not None: os.environ["CATDOG_WORKERS"] = str(workers)
     if log_level: os.environ["CATDOG_LOG_LEVEL"] = log_level.upper()
     try: settings = Settings.from_env()
@@ -103,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "predict":
         from catdog_nb.predict import default_model_uri, predict_command
         if args.batch_size < 1: raise SystemExit("catdog predict: --batch-size must be at least 1")
-        return predict_command(args.paths, args.model or str(default_model_uri()), args.batch_size, engine=args.engine)
-    serve(args.host, args.port, args.workers, args.model, args.engine, args.log_level, args.access_log)
+        return predict_command(args.paths, args.model or str(default_model_uri()), args.batch_size)
+    serve(args.host, args.port, args.workers, args.model, args.log_level, args.access_log)
     return 0
 
 # %% ../nbs/21_cli.ipynb #e6feab71

@@ -1,6 +1,6 @@
-"""The one seam between the project and an ONNX runtime: a model file loaded once per process into
-onnxruntime (the default) or `cv2.dnn`, a batch in, named outputs out; and the backbone's input, built from
-decoded photos with nothing wasted.
+"""The one seam between the project and ONNX Runtime: a model file loaded once per process into an
+onnxruntime session, a batch in, named outputs out; and the backbone's input, built from decoded photos
+with nothing wasted.
 
 Docs: https://catdog.github.io/catdog/engine.html.md"""
 
@@ -16,9 +16,8 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'ENGINES', 'available_cores', 'center_square', 'check_images',
-           'normalise_into', 'imagenet_batch', 'Engine', 'share_exact_arena', 'OnnxRuntimeEngine', 'OpenCVEngine',
-           'check_engine', 'load_engine']
+__all__ = ['IMAGENET_MEAN_RGB', 'IMAGENET_STD_RGB', 'available_cores', 'center_square', 'check_images', 'normalise_into',
+           'imagenet_batch', 'share_exact_arena', 'Engine', 'load_engine']
 
 # %% ../nbs/03_engine.ipynb #4ad7f3fe
 def available_cores() -> int:
@@ -61,29 +60,6 @@ def imagenet_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
         normalise_into(cv2.resize(center_square(image), (size, size), interpolation=cv2.INTER_AREA), batch[i])
     return batch
 
-# %% ../nbs/03_engine.ipynb #0c18d4b3
-ENGINES = ("onnxruntime", "opencv")  # the default first: onnxruntime is about twice as fast on the same graph
-
-class Engine:
-    "One ONNX model loaded into one runtime; `run(batch, outputs)` -> `{output name: array}`."
-    name = ""
-    def __init__(self, path: Path | str, threads: int | None = None):
-        self.path, self.threads = Path(path), int(threads or available_cores())
-        if self.threads < 1: raise ValueError(f"threads must be >= 1, got {threads}")
-        if not self.path.is_file(): raise FileNotFoundError(f"no ONNX model at {self.path}")
-        self.output_names: tuple[str, ...] = ()
-
-    def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        "The named `outputs` of the model on `batch` (float32, the model's input layout)."
-        unknown = [o for o in outputs if o not in self.output_names]
-        if unknown: raise ValueError(f"{self.path.name} has no output {unknown}; its outputs: {list(self.output_names)}")
-        batch = np.ascontiguousarray(batch, np.float32)
-        return dict(zip(outputs, self._run(batch, list(outputs))))
-
-    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]: raise NotImplementedError
-
-    def __repr__(self) -> str: return f"{type(self).__name__}({self.path.name}, threads={self.threads})"
-
 # %% ../nbs/03_engine.ipynb #2ea017de
 _arena_lock, _arena_shared = threading.Lock(), False
 
@@ -98,12 +74,13 @@ def share_exact_arena(ort) -> None:
         _arena_shared = True
 
 # %% ../nbs/03_engine.ipynb #bcda2215
-class OnnxRuntimeEngine(Engine):
-    "The model in an `onnxruntime.InferenceSession` on the CPU, `threads` intra-op threads."
-    name = "onnxruntime"
+class Engine:
+    "One ONNX model in an `onnxruntime.InferenceSession` on the CPU, `threads` intra-op threads; `run(batch, outputs)` -> `{output name: array}`."
     def __init__(self, path: Path | str, threads: int | None = None):
-        import onnxruntime as ort  # imported here: the opencv engine works without it
-        super().__init__(path, threads)
+        import onnxruntime as ort  # imported when a model loads: the modules that only build inputs do without it
+        self.path, self.threads = Path(path), int(threads or available_cores())
+        if self.threads < 1: raise ValueError(f"threads must be >= 1, got {threads}")
+        if not self.path.is_file(): raise FileNotFoundError(f"no ONNX model at {self.path}")
         share_exact_arena(ort)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -117,43 +94,24 @@ class OnnxRuntimeEngine(Engine):
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
-    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        return self.session.run(outputs, {self.input_name: batch})
+    def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        "The named `outputs` of the model on `batch` (float32, the model's input layout)."
+        unknown = [o for o in outputs if o not in self.output_names]
+        if unknown: raise ValueError(f"{self.path.name} has no output {unknown}; its outputs: {list(self.output_names)}")
+        batch = np.ascontiguousarray(batch, np.float32)
+        return dict(zip(outputs, self.session.run(list(outputs), {self.input_name: batch})))
 
-# %% ../nbs/03_engine.ipynb #3911c5b2
-class OpenCVEngine(Engine):
-    "The model in a `cv2.dnn.Net` (OpenCV 5's new engine); sets OpenCV's per-process thread count to `threads`."
-    name = "opencv"
-    def __init__(self, path: Path | str, threads: int | None = None):
-        super().__init__(path, threads)
-        cv2.setNumThreads(self.threads)
-        self.net = cv2.dnn.readNetFromONNX(str(self.path), cv2.dnn.ENGINE_NEW)
-        self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)  # the target stays CPU: the new engine has no other
-        self.output_names = tuple(self.net.getUnconnectedOutLayersNames())
-        self._lock = threading.Lock()
-
-    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        with self._lock:
-            self.net.setInput(batch)
-            computed = dict(zip(self.output_names, self.net.forward(list(self.output_names))))
-        return [computed[name] for name in outputs]
+    def __repr__(self) -> str: return f"{type(self).__name__}({self.path.name}, threads={self.threads})"
 
 # %% ../nbs/03_engine.ipynb #ec99f645
-_ENGINE_CLASSES = {"onnxruntime": OnnxRuntimeEngine, "opencv": OpenCVEngine}
 _loaded: dict[tuple, Engine] = {}
 _loading = threading.Lock()
 
-def check_engine(engine: str) -> str:
-    "`engine` if it names one of `ENGINES`, else a `ValueError` that lists them."
-    if engine not in ENGINES: raise ValueError(f"unknown engine {engine!r}; known: {list(ENGINES)}")
-    return engine
-
-def load_engine(path: Path | str, engine: str = ENGINES[0], threads: int | None = None) -> Engine:
-    "The `engine` runtime's session of the ONNX file `path` with `threads` threads (default: all cores), made once per process."
-    check_engine(engine)
+def load_engine(path: Path | str, threads: int | None = None) -> Engine:
+    "The `Engine` of the ONNX file `path` with `threads` threads (default: all cores), made once per process."
     path = Path(path).resolve()
     stat = path.stat()
-    key = (engine, str(path), stat.st_mtime_ns, stat.st_size, int(threads or available_cores()))
+    key = (str(path), stat.st_mtime_ns, stat.st_size, int(threads or available_cores()))
     with _loading:
-        if key not in _loaded: _loaded[key] = _ENGINE_CLASSES[engine](path, key[-1])
+        if key not in _loaded: _loaded[key] = Engine(path, key[-1])
         return _loaded[key]

@@ -1,6 +1,5 @@
 """Feature extraction: the `classic` descriptors in OpenCV (HOG, colour, LBP, Gabor) and the ImageNet
-embedding of an EfficientNet-Lite backbone run by an engine of `catdog_nb.engine` (onnxruntime by default,
-or `cv2.dnn`; sets `lite0`, `lite1`, `lite2`, or one at another input side such as `lite2-320`); one `FeatureExtractor` shared by training, evaluation and
+embedding of an EfficientNet-Lite backbone run by ONNX Runtime (`catdog_nb.engine`; sets `lite0`, `lite1`, `lite2`, or one at another input side such as `lite2-320`); one `FeatureExtractor` shared by training, evaluation and
 the service, its settings read from `params.yaml` or from a model bundle.
 
 Docs: https://catdog.github.io/catdog/features.html.md"""
@@ -16,8 +15,8 @@ import cv2
 import numpy as np
 from fastcore.basics import patch
 from .backbone import (EMBEDDING_NAME, LOGITS_NAME, backbone_paths, backbone_size, input_size,
-                                is_backbone_set, runs_on)
-from .engine import ENGINES, center_square, check_engine, check_images, imagenet_batch, load_engine
+                                is_backbone_set)
+from .engine import center_square, check_images, imagenet_batch, load_engine
 
 # %% auto #0
 __all__ = ['SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'DOG_CLASSES',
@@ -189,35 +188,32 @@ EMBEDDING_DIM = 1280  # EfficientNet-Lite's pooled feature width (all variants)
 
 class FeatureExtractor:
     "Decoded BGR uint8 images -> float32 feature rows of the selected `sets`; the one path every caller uses."
-    def __init__(self, sets, settings: dict, backbones: dict | None = None, batch_size: int = 16,
-                 engine: str = ENGINES[0], threads: int | None = None):
+    def __init__(self, sets, settings: dict, backbones: dict | None = None, batch_size: int = 16, threads: int | None = None):
         """`settings`: `{group: settings}` for the groups `sets` use; `backbones`: each backbone set -> its ONNX file,
-        run by `engine` (see `catdog_nb.engine`) on `threads` threads (default: all cores)."""
+        run by `catdog_nb.engine` on `threads` threads (default: all cores)."""
         self.sets = check_sets(sets)
         self.settings = {g: check_settings(g, settings.get(g)) for g in dict.fromkeys(map(settings_group, self.sets))}
         if batch_size < 1: raise FeatureSettingsError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.engine, self.threads = int(batch_size), check_engine(engine), threads
+        self.batch_size, self.threads = int(batch_size), threads
         self.backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in self.sets}
         self._lock = threading.Lock()
         self._classic = ClassicDescriptors(self.settings["classic"]) if "classic" in self.sets else None
         self._engines, self._backbone_md5 = {}, {}
         for s in self.sets:
             if s == "classic": continue
-            if not runs_on(s, engine):
-                raise FeatureSettingsError(f"feature set {s} is quantized to INT8, which only the onnxruntime engine runs, not {engine}")
             if s not in self.backbones or not self.backbones[s].is_file():
                 raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone`)")
-            self._engines[s] = load_engine(self.backbones[s], engine, threads)
+            self._engines[s] = load_engine(self.backbones[s], threads)
         self.dims = {s: self._classic.dim if s == "classic" else EMBEDDING_DIM for s in self.sets}
 
 # %% ../nbs/05_features.ipynb #a60f8f90
 @patch(cls_method=True)
 def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, root: Path | str | None = None, **overrides) -> FeatureExtractor:
-    "The extractor `params.yaml` describes (`features`, `backbone.dir`, `backbone.engine`); `sets` and keyword overrides win."
+    "The extractor `params.yaml` describes (`features`, `backbone.dir`; `sets` default: the served `train.feature_sets`); keyword overrides win."
     params, root = params or load_params(), Path(root or project_root())
-    sets = check_sets(sets or params["features"]["sets"])
+    sets = check_sets(sets or params["train"]["feature_sets"])
     kwargs = dict(sets=sets, settings=feature_settings(params, sets), batch_size=params["features"]["batch_size"],
-                  backbones=backbone_paths(sets, root / params["backbone"]["dir"]), engine=params["backbone"]["engine"])
+                  backbones=backbone_paths(sets, root / params["backbone"]["dir"]))
     return cls(**{**kwargs, **overrides})
 
 # %% ../nbs/05_features.ipynb #e6eebeeb
@@ -225,7 +221,7 @@ def from_params(cls: FeatureExtractor, params: dict | None = None, sets=None, ro
 def init_args(self: FeatureExtractor) -> dict:
     "The constructor's arguments (JSON-serialisable): enough to rebuild this extractor in a worker or a model bundle."
     return dict(sets=list(self.sets), settings=self.settings, backbones={s: str(p) for s, p in self.backbones.items()},
-                batch_size=self.batch_size, engine=self.engine, threads=self.threads)
+                batch_size=self.batch_size, threads=self.threads)
 
 @patch(as_prop=True)
 def feature_names(self: FeatureExtractor) -> list[str]:
@@ -241,12 +237,12 @@ def _md5_file(path: Path | str) -> str:
 
 @patch
 def fingerprint(self: FeatureExtractor, set_name: str) -> str:
-    "Hash of everything that determines `set_name`'s values: code version, settings, backbone file and engine."
+    "Hash of everything that determines `set_name`'s values: code version, settings, backbone file and runtime."
     group = settings_group(set_name)
     key = {"version": FEATURES_VERSION, "set": group, "settings": self.settings[group]}
     if group == "deep":
         if set_name not in self._backbone_md5: self._backbone_md5[set_name] = _md5_file(self.backbones[set_name])
-        key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name, "engine": self.engine}
+        key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name, "engine": "onnxruntime"}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/05_features.ipynb #77b0fecc

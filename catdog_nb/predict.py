@@ -16,11 +16,10 @@ from fastcore.basics import patch
 from .bundle import BundleError, LinearHead, predict_proba, read_bundle, resolve_bundle
 from .core import get_logger, load_params, project_root
 from .data import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_file
-from .engine import ENGINES, check_engine
 from .features import ANIMAL_THRESHOLD, SETTINGS_GROUPS, FeatureExtractor
 
 # %% auto #0
-__all__ = ['default_model_uri', 'default_engine', 'Prediction', 'Classifier', 'expand_paths', 'error_text', 'predict_command']
+__all__ = ['default_model_uri', 'Prediction', 'Classifier', 'expand_paths', 'error_text', 'predict_command']
 
 # %% ../nbs/09_predict.ipynb #d00a8a39
 def default_model_uri() -> str:
@@ -31,11 +30,6 @@ def default_model_uri() -> str:
         raise BundleError("no model given: pass a bundle folder or a models:/ URI, or set $CATDOG_MODEL_URI "
                           "(outside the project there is no params.yaml to take train.bundle_dir from)") from None
     return str(root / load_params(root / "params.yaml")["train"]["bundle_dir"])
-
-# %% ../nbs/09_predict.ipynb #280b5099
-def default_engine() -> str:
-    "`$CATDOG_ENGINE` (checked), else the default engine, `ENGINES[0]`."
-    return check_engine(os.environ.get("CATDOG_ENGINE") or ENGINES[0])
 
 # %% ../nbs/09_predict.ipynb #173be3a8
 @dataclass(frozen=True)
@@ -72,15 +66,15 @@ class Classifier:
 # %% ../nbs/09_predict.ipynb #b051a682
 @patch(cls_method=True)
 def load(cls: Classifier, uri: str | Path | None = None, batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS,
-         engine: str = ENGINES[0], threads: int | None = None) -> Classifier:
-    "The bundle at `uri` (a folder or a `models:/` URI; default `default_model_uri()`), its backbones run by `engine` on `threads` threads."
+         threads: int | None = None) -> Classifier:
+    "The bundle at `uri` (a folder or a `models:/` URI; default `default_model_uri()`), its backbones run on `threads` threads."
     uri = uri or default_model_uri()
     path = resolve_bundle(uri)
     meta, booster, head = read_bundle(path)
     settings = {group: values for group, values in meta["features"].items() if group in SETTINGS_GROUPS}
     backbones = {s: path / file for s, file in meta["backbones"].items()}
-    extractor = FeatureExtractor(meta["feature_sets"], settings, backbones, batch_size=batch_size, engine=engine, threads=threads)
-    get_logger(__name__).info("loaded model %s version %s from %s (engine %s)", meta["name"], meta["version"], uri, engine)
+    extractor = FeatureExtractor(meta["feature_sets"], settings, backbones, batch_size=batch_size, threads=threads)
+    get_logger(__name__).info("loaded model %s version %s from %s", meta["name"], meta["version"], uri)
     return cls(path, meta, booster, head, extractor, batch_size, max_pixels)
 
 # %% ../nbs/09_predict.ipynb #277f7841
@@ -184,12 +178,12 @@ def error_text(e: Exception) -> str:
     return f"{reason}: {message}"
 
 # %% ../nbs/09_predict.ipynb #546c8c89
-def predict_command(paths: Sequence[str], model: str | None = None, batch_size: int = 32, out=None, engine: str | None = None) -> int:
-    "Run `catdog predict` with `model` (default `default_model_uri()`) and `engine` (default `default_engine()`): JSON lines to `out`; returns the exit status."
+def predict_command(paths: Sequence[str], model: str | None = None, batch_size: int = 32, out=None) -> int:
+    "Run `catdog predict` with `model` (default `default_model_uri()`): JSON lines to `out`; returns the exit status."
     import sys
     out = out or sys.stdout
-    try: clf = Classifier.load(model, batch_size=batch_size, engine=engine or default_engine())
-    except Exception as e:  # no model given, a missing bundle, no mlflow for a models:/ URI, an unknown registry version or engine, ...
+    try: clf = Classifier.load(model, batch_size=batch_size)
+    except Exception as e:  # no model given, a missing bundle, no mlflow for a models:/ URI, an unknown registry version, ...
         print(f"catdog predict: cannot load model {model or '(default)'}: {e}", file=sys.stderr); return 2
     progress = any(Path(p).is_dir() for p in paths)
     n_ok = 0

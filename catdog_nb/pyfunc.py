@@ -54,7 +54,7 @@ def model_signature(classes=CLASSES) -> ModelSignature:
                                           ColSpec("double", "animal"), ColSpec("string", "error")]))
 
 def _pip_requirements() -> list[str]:
-    "Pinned runtime requirements of the pyfunc (besides the `catdog_nb` package itself); it runs the default engine, onnxruntime."
+    "Pinned runtime requirements of the pyfunc (besides the `catdog_nb` package itself); its backbones run on onnxruntime."
     from importlib.metadata import version
     return [f"{p}=={version(p)}" for p in ("mlflow", "lightgbm", "numpy", "pandas", "opencv-contrib-python-headless",
                                            "onnxruntime", "fastcore", "pyyaml")]

@@ -31,10 +31,10 @@ from .batcher import MicroBatcher, QueueFull
 from .core import get_logger
 from .bundle import BundleError
 from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
-from .engine import available_cores, check_engine
+from .engine import available_cores
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .features import ANIMAL_THRESHOLD
-from .predict import Classifier, Prediction, default_engine, default_model_uri
+from .predict import Classifier, Prediction, default_model_uri
 
 # %% auto #0
 __all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState', 'service_state',
@@ -46,7 +46,6 @@ __all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'return_freed_mem
 class Settings:
     "The service's settings; `Settings.from_env()` reads them from `CATDOG_<FIELD>` variables."
     model_uri: str = field(default_factory=lambda: str(default_model_uri()))
-    engine: str = field(default_factory=default_engine)
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 4
@@ -58,10 +57,6 @@ class Settings:
     max_files: int = 16
     decode_threads: int = 1
     limit_concurrency: int = 32
-
-    def __post_init__(self):
-        try: check_engine(self.engine)
-        except ValueError as e: raise ValueError(f"CATDOG_ENGINE={self.engine!r}: {e}") from None
 
 # %% ../nbs/18_service.ipynb #4276dce2
 @patch(cls_method=True)
@@ -140,10 +135,10 @@ async def load(self: ServiceState) -> None:
     "Load the model off the event loop, start its micro-batcher and warm it up; a failure is kept in `error`."
     try:
         import cv2
-        cv2.setNumThreads(1)  # the opencv engine raises it to its own share when it loads
+        cv2.setNumThreads(1)  # the decoders' resizes: the cores are the engine's
         s = self.settings
         classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
-            s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, engine=s.engine, threads=_engine_threads(s.workers)))
+            s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=_engine_threads(s.workers)))
         self.classifier = classifier
         self.decode_limiter = anyio.CapacityLimiter(s.decode_threads)
         self.batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
@@ -153,7 +148,7 @@ async def load(self: ServiceState) -> None:
         await self.batcher.submit([warm_up] * min(s.max_batch, s.max_queue))
         self.metrics.model_info.labels(classifier.version).set(1)
         self.ready = True
-        _log.info("ready: model %s version %s, engine %s", classifier.name, classifier.version, s.engine)
+        _log.info("ready: model %s version %s", classifier.name, classifier.version)
     except BundleError as e:  # a damaged or missing bundle: one line says which and why
         self.error = str(e)
         _log.error("model %s refused: %s", self.settings.model_uri, e)

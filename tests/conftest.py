@@ -2,8 +2,7 @@
 
 `model_bundle` is a real bundle: the pipeline's own functions (`convert_backbone`, and `FeatureExtractor`,
 `train_booster`, `save_bundle` via `bundles.tiny_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
-having run; `float_bundle` is the same with float graphs only, for what `cv2.dnn` runs. `server` is the real
-`catdog serve` on a loopback port, serving `model_bundle`.
+having run. `server` is the real `catdog serve` on a loopback port, serving `model_bundle`.
 """
 import os
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog_nb.backbone import backbone_paths, convert_backbone, float_set, is_int8
+from catdog_nb.backbone import backbone_paths, convert_backbone, is_int8
 from catdog_nb.core import load_params
 from catdog_nb.data import read_image, sample_photos
 from bundles import tiny_bundle
@@ -51,16 +50,6 @@ def model_bundle(tmp_path_factory, training_photos, backbones) -> Path:
     "A real model bundle folder trained on `training_photos` with the served feature sets."
     out = tmp_path_factory.mktemp("bundle") / "catdog"
     return tiny_bundle(training_photos, out, load_params(), BUNDLE_FEATURE_SETS, backbones)
-
-
-@pytest.fixture(scope="session")
-def float_bundle(tmp_path_factory, training_photos, model_bundle) -> Path:
-    "`model_bundle` with each -int8 set's float graph instead (`cv2.dnn` runs no INT8 graph); `model_bundle` itself if it has none."
-    sets = [float_set(s) for s in BUNDLE_FEATURE_SETS]
-    if sets == BUNDLE_FEATURE_SETS: return model_bundle
-    folder = tmp_path_factory.mktemp("float-backbones")
-    backbones = {s: convert_backbone(s, path) for s, path in backbone_paths(sets, folder).items()}
-    return tiny_bundle(training_photos, tmp_path_factory.mktemp("float-bundle") / "catdog", load_params(), sets, backbones)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # `catdog predict` in subprocesses
@@ -85,40 +84,15 @@ def test_predict_from_the_registry(model_bundle, training_photos, tmp_path):
     assert run.returncode == 2 and "cannot load model" in run.stderr
 
 
-def test_both_engines_agree(float_bundle, unseen_photos):
-    "onnxruntime and cv2.dnn on a fixed sample of real photos: the same embedding to 1e-4, the same predictions."
+def test_cli_agrees_with_the_classifier(model_bundle, unseen_photos):
+    "`catdog predict` on real photos gives the labels `Classifier` gives in-process on the same photos."
     from catdog_nb.data import read_image
-    from catdog_nb.engine import ENGINES
     from catdog_nb.predict import Classifier, Prediction
-    images = [read_image(p) for p in unseen_photos]
-    classifiers = {engine: Classifier.load(float_bundle, engine=engine) for engine in ENGINES}
-    features = {engine: clf.features(images) for engine, clf in classifiers.items()}
-    assert np.abs(features["onnxruntime"] - features["opencv"]).max() < 1e-4
-    probabilities = {engine: clf.predict_features(features[engine]) for engine, clf in classifiers.items()}
-    assert (probabilities["onnxruntime"].argmax(1) == probabilities["opencv"].argmax(1)).all()
-    assert np.abs(probabilities["onnxruntime"] - probabilities["opencv"]).max() < 1e-3
-    # as a user picks one: `--engine`, else $CATDOG_ENGINE (an unknown one is refused), else onnxruntime
-    def labels(*args, **env):
-        run = subprocess.run([BIN / "catdog", "predict", *unseen_photos[:4], "--model", float_bundle, *args],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-        return run.returncode, [json.loads(line)["label"] for line in run.stdout.splitlines()], run.stderr
-    default, chosen = labels(), labels("--engine", "opencv", CATDOG_ENGINE="tensorrt")
-    assert default[0] == chosen[0] == 0 and default[1] == chosen[1] == [Prediction.from_row(["cat", "dog"], p).label
-                                                                        for p in probabilities["onnxruntime"][:4]]
-    status, _, errors = labels(CATDOG_ENGINE="tensorrt")
-    assert status == 2 and "unknown engine 'tensorrt'" in errors
-
-
-def test_int8_sets_are_refused_under_cv2_dnn(model_bundle, float_bundle, unseen_photos):
-    "A bundle with an -int8 set under `cv2.dnn`, which cannot run it: a typed error from the API, exit 2 from the CLI."
-    from catdog_nb.backbone import float_set
-    from catdog_nb.bundle import read_bundle
-    from catdog_nb.features import FeatureSettingsError
-    from catdog_nb.predict import Classifier
-    if model_bundle == float_bundle: pytest.skip("the served sets (train.feature_sets) hold no -int8 set")
-    quantized = [s for s in read_bundle(model_bundle)[0]["feature_sets"] if float_set(s) != s]
-    with pytest.raises(FeatureSettingsError, match=f"{quantized[0]} is quantized to INT8, which only the onnxruntime engine runs"):
-        Classifier.load(model_bundle, engine="opencv")
-    run = subprocess.run([BIN / "catdog", "predict", unseen_photos[0], "--model", model_bundle, "--engine", "opencv"],
+    clf = Classifier.load(model_bundle)
+    probabilities = clf.predict_features(clf.features([read_image(p) for p in unseen_photos[:4]]))
+    run = subprocess.run([BIN / "catdog", "predict", *unseen_photos[:4], "--model", model_bundle],
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "only the onnxruntime engine runs" in run.stderr, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["label"] for line in lines] == [Prediction.from_row(clf.classes, p).label for p in probabilities]
+    assert np.abs(np.array([line["probability"]["dog"] for line in lines]) - probabilities[:, 1]).max() < 1e-4

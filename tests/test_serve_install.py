@@ -47,16 +47,13 @@ def test_catdog_help_runs(serve_venv):
     assert result.returncode == 0 and "--workers" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "opencv"])
-def test_serving_venv_serves_a_prediction(serve_venv, request, tmp_path, engine):
-    """Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI, each engine
-    (`cv2.dnn` on the float graphs: it runs no INT8 graph)."""
-    model_bundle = request.getfixturevalue("float_bundle" if engine == "opencv" else "model_bundle")
+def test_serving_venv_serves_a_prediction(serve_venv, model_bundle, tmp_path):
+    "Laid out as in the image: an app folder with params.yaml (CATDOG_ROOT), the bundle from CATDOG_MODEL_URI."
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(ROOT / "params.yaml", app)
     port = free_port()
-    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle), "CATDOG_ENGINE": engine}
+    env = outside_env() | {"CATDOG_ROOT": str(app), "CATDOG_MODEL_URI": str(model_bundle)}
     photo = next((ROOT / "data" / "raw" / "dog").glob("*.jpg"))
     with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=app,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp_path / "service.log", timeout=180):
@@ -68,4 +65,5 @@ def test_serving_venv_serves_a_prediction(serve_venv, request, tmp_path, engine)
     assert page.status_code == 200 and page.text == page_html()
     assert answer.status_code == 200, answer.text
     assert answer.json()["label"] in ("cat", "dog") and set(answer.json()["probability"]) == {"cat", "dog"}
-    assert f"engine {engine}" in (tmp_path / "service.log").read_text()  # the ready line names the engine that runs
+    version = json.loads((model_bundle / "bundle.json").read_text())["version"]
+    assert f"version {version}" in (tmp_path / "service.log").read_text()  # the ready line names the model that runs
