@@ -25,15 +25,15 @@ __all__ = ['SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP',
            'FeatureExtractor', 'animal_probability']
 
 # %% ../nbs/05_features.ipynb #aef9a780
-SETTINGS_GROUPS = ("classic", "deep")
+SETTINGS_GROUPS = ("classic",)
 FEATURES_VERSION = 1  # bump when the code changes what the same settings compute: invalidates every cache
 
 class FeatureSettingsError(ValueError):
     "Unknown feature set or setting, or a setting the code needs that is missing."
 
-def settings_group(feature_set: str) -> str:
-    "The settings group of a feature set: `classic`, or `deep` for each backbone set's embedding."
-    return "classic" if feature_set == "classic" else "deep"
+def settings_group(feature_set: str) -> str | None:
+    "The settings group of a feature set: `classic`, or None for a backbone set (its name says all)."
+    return "classic" if feature_set == "classic" else None
 
 def check_sets(sets) -> tuple[str, ...]:
     "The feature sets as a tuple, in the order given; a string is split on commas."
@@ -51,7 +51,6 @@ def check_sets(sets) -> tuple[str, ...]:
 SETTING_KEYS = {
     "classic": ("size", "hog_size", "hog_cell", "hog_bins", "hsv_bins", "lbp_grid", "gabor_grid", "gabor_orientations",
                 "gabor_wavelengths", "colour_grid", "lab_grid", "hue_bins", "sv_bins", "ab_bins", "mirror"),
-    "deep": ("flip",),
 }
 
 def check_settings(group: str, values: dict | None) -> dict:
@@ -65,7 +64,7 @@ def check_settings(group: str, values: dict | None) -> dict:
 
 def feature_settings(params: dict, sets) -> dict:
     "`{group: settings}` of the groups `sets` use, from `params.yaml` `features.<group>`, as a bundle stores them."
-    groups = dict.fromkeys(settings_group(s) for s in check_sets(sets))
+    groups = dict.fromkeys(g for s in check_sets(sets) if (g := settings_group(s)))
     return {g: check_settings(g, params["features"].get(g)) for g in groups}
 
 # %% ../nbs/05_features.ipynb #500616e6
@@ -192,7 +191,7 @@ class FeatureExtractor:
         """`settings`: `{group: settings}` for the groups `sets` use; `backbones`: each backbone set -> its ONNX file,
         run by `catdog_nb.engine` on `threads` threads (default: all cores)."""
         self.sets = check_sets(sets)
-        self.settings = {g: check_settings(g, settings.get(g)) for g in dict.fromkeys(map(settings_group, self.sets))}
+        self.settings = {g: check_settings(g, settings.get(g)) for g in dict.fromkeys(map(settings_group, self.sets)) if g}
         if batch_size < 1: raise FeatureSettingsError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.threads = int(batch_size), threads
         self.backbones = {s: Path(p) for s, p in (backbones or {}).items() if s in self.sets}
@@ -202,7 +201,7 @@ class FeatureExtractor:
         for s in self.sets:
             if s == "classic": continue
             if s not in self.backbones or not self.backbones[s].is_file():
-                raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone`)")
+                raise FileNotFoundError(f"feature set {s} needs its backbone ONNX file; not found: {self.backbones.get(s)} (run `dvc repro backbone@{s}`)")
             self._engines[s] = load_engine(self.backbones[s], threads)
         self.dims = {s: self._classic.dim if s == "classic" else EMBEDDING_DIM for s in self.sets}
 
@@ -239,10 +238,10 @@ def _md5_file(path: Path | str) -> str:
 def fingerprint(self: FeatureExtractor, set_name: str) -> str:
     "Hash of everything that determines `set_name`'s values: code version, settings, backbone file and runtime."
     group = settings_group(set_name)
-    key = {"version": FEATURES_VERSION, "set": group, "settings": self.settings[group]}
-    if group == "deep":
+    key = {"version": FEATURES_VERSION, "set": group or set_name, "settings": self.settings.get(group, {})}
+    if group is None:
         if set_name not in self._backbone_md5: self._backbone_md5[set_name] = _md5_file(self.backbones[set_name])
-        key |= {"backbone_md5": self._backbone_md5[set_name], "variant": set_name, "engine": "onnxruntime"}
+        key |= {"backbone_md5": self._backbone_md5[set_name], "engine": "onnxruntime"}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/05_features.ipynb #77b0fecc
@@ -263,19 +262,11 @@ def _deep(self: FeatureExtractor, images: list[np.ndarray], name: str, animal: b
     "The embeddings of backbone set `name` for `images` and, with `animal`, their `animal_probability` from the same forward passes (else None)."
     out, scores = np.empty((len(images), EMBEDDING_DIM), np.float32), np.empty(len(images), np.float32) if animal else None
     outputs = [EMBEDDING_NAME, LOGITS_NAME] if animal else [EMBEDDING_NAME]
-    flip, engine, size = self.settings["deep"]["flip"], self._engines[name], input_size(name)
+    engine, size = self._engines[name], input_size(name)
     for i in range(0, len(images), self.batch_size):
-        batch = images[i:i + self.batch_size]
-        # The mirror images go through the same preprocessing (flipping the blob instead is not the same:
-        # upscaling with INTER_AREA is not mirror-symmetric).
-        if flip: batch = batch + [cv2.flip(image, 1) for image in batch]
-        result = engine.run(imagenet_batch(batch, size), outputs)
-        embedding = result[EMBEDDING_NAME]
-        n = len(embedding) // 2 if flip else len(embedding)
-        out[i:i + n] = (embedding[:n] + embedding[n:]) / 2 if flip else embedding
-        if animal:
-            p = animal_probability(result[LOGITS_NAME])
-            scores[i:i + n] = (p[:n] + p[n:]) / 2 if flip else p
+        result = engine.run(imagenet_batch(images[i:i + self.batch_size], size), outputs)
+        out[i:i + self.batch_size] = result[EMBEDDING_NAME]
+        if animal: scores[i:i + self.batch_size] = animal_probability(result[LOGITS_NAME])
     return out, scores
 
 # %% ../nbs/05_features.ipynb #3bba620c
