@@ -9,6 +9,10 @@
   leaves the inline code out of a heading's anchor, which then points nowhere (`#stage` for "Stage `split`"); and
   its relative links made site links: a notebook to its page (index.ipynb, the README's source, links them from the
   repository root: `nbs/00_core.ipynb`), another file of the repository to that file on GitHub.
+- nbdev's plain-Markdown copy of every notebook page, `<name>.html.md` at the site root (`core.html.md` for
+  `00_core.ipynb`), where the `Docs:` line of each module docstring and the links of `llms.txt` point: the same
+  notebook as its page, stored outputs and all, but for images, which only the HTML page shows. MkDocs copies
+  `nbs/llms.txt` to the site root as it does any other file of `docs_dir`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
+import nbformat
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.toc import get_toc
+from nbconvert import MarkdownExporter
+from nbdev.config import nbpath2html
+from traitlets.config import Config
 
 PACKAGE = "catdog_nb"
 API_DIR = "api"
@@ -158,8 +166,34 @@ def on_page_content(html: str, page, config, files: Files) -> str:
     return _HREF.sub(relink, html)
 
 
+def markdown_name(notebook: str | Path) -> str:
+    "Where nbdev's `Docs:` URLs put a notebook's Markdown copy (nbdev.config.nbpath2docurl): `core.html.md`."
+    return nbpath2html(notebook).as_posix() + ".md"
+
+
+def for_markdown(nb: dict) -> dict:
+    "The notebook as its Markdown copy shows it: no image outputs (text only), code fenced in its kernel's language."
+    def is_image(output): return any(mime.startswith("image/") for mime in output.get("data", {}))
+    language = nb["metadata"].get("kernelspec", {}).get("language", "python")
+    return {**nb, "metadata": {"language_info": {"name": language}, **nb["metadata"]},
+            "cells": [{**cell, "outputs": [o for o in cell["outputs"] if not is_image(o)]}
+                      if cell["cell_type"] == "code" else cell for cell in nb["cells"]]}
+
+
 def _remove_tmp(*_args, **_kwargs):
     if _tmp: shutil.rmtree(_tmp, ignore_errors=True)
 
 
-on_post_build = on_build_error = _remove_tmp
+def on_post_build(config):
+    "Write the Markdown copy of every notebook, from the copies its page was rendered from, tag rules and all."
+    tags = config.plugins["mkdocs-jupyter"].config["remove_tag_config"]
+    exporter = MarkdownExporter(config=Config(TagRemovePreprocessor={k: set(v) for k, v in tags.items()}))
+    for copy in _tmp.rglob("*.ipynb"):
+        nb = nbformat.from_dict(for_markdown(nbformat.read(copy, as_version=4)))
+        markdown = Path(config.site_dir) / markdown_name(copy.relative_to(_tmp))
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(exporter.from_notebook_node(nb)[0])
+    _remove_tmp()
+
+
+on_build_error = _remove_tmp

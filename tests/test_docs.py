@@ -1,22 +1,26 @@
 """The docs site as `make docs` builds it (`mkdocs build --strict`, mkdocs.yml): a page per notebook, an API page per
 module of catdog_nb, and every relative link of the built HTML, with its #anchor, resolving to a file of the site;
+nbdev's Markdown copy of every page, where the `Docs:` URL of each module docstring and the links of llms.txt point;
 and the workflow that publishes it (.github/workflows/docs.yml)."""
 import ast
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
+from nbdev.config import nbpath2docurl
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODULES = sorted(p.stem for p in (ROOT / "catdog_nb").glob("*.py") if not p.stem.startswith("_"))
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "nbs").glob("*.ipynb"))
+DOCS_URL = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Documentation"]  # nbdev's doc_host
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,50 @@ def test_every_relative_link_resolves_in_the_site(site):
                 broken.append(f"{path.relative_to(site)}: {link} (no such anchor)")
     assert len(pages) >= len(NOTEBOOKS) + len(MODULES)
     assert not broken, "\n".join(broken[:50])
+
+
+def site_file(site: Path, url: str) -> Path:
+    "The file of the built site that a URL of the published site names."
+    assert url.startswith(DOCS_URL), url
+    return site / unquote(url.removeprefix(DOCS_URL))
+
+
+def docs_url(module: str) -> str:
+    "The URL that nbdev writes at the end of a module's docstring, `Docs: <url>`."
+    doc = ast.get_docstring(ast.parse((ROOT / "catdog_nb" / f"{module}.py").read_text())) or ""
+    found = re.search(r"^Docs: (\S+)\Z", doc, re.M)
+    assert found, f"catdog_nb.{module}: no Docs: line at the end of its docstring"
+    return found[1]
+
+
+def test_the_site_is_published_where_nbdev_links_it():
+    assert yaml.safe_load((ROOT / "mkdocs.yml").read_text())["site_url"] == DOCS_URL
+
+
+def test_every_module_docs_url_is_the_markdown_of_its_notebook(site):
+    for module in MODULES:
+        markdown = site_file(site, docs_url(module))
+        assert markdown.is_file(), f"catdog_nb.{module}: {docs_url(module)} is not in the site"
+        text = markdown.read_text()
+        assert text.startswith("# ") and "#|" not in text and "default_exp" not in text, markdown.name
+        assert "![png]" not in text and "![jpeg]" not in text, markdown.name  # images only on the HTML page
+    # a stored output, as on the page: the table 00_core's `load_params()` cell printed
+    assert "'val_fraction': 0.15" in site_file(site, docs_url("core")).read_text()
+
+
+def test_every_notebook_has_its_markdown_copy(site, monkeypatch):
+    monkeypatch.chdir(ROOT)  # nbdev reads its settings from the pyproject.toml above the working directory
+    for stem in NOTEBOOKS:
+        assert site_file(site, nbpath2docurl(ROOT / "nbs" / f"{stem}.ipynb")).is_file(), stem
+
+
+def test_llms_txt_is_in_the_site_and_its_links_resolve(site):
+    llms = (site / "llms.txt").read_text()
+    assert llms == (ROOT / "nbs" / "llms.txt").read_text()
+    links = re.findall(r"\]\((\S+?\.html\.md)\)", llms)
+    assert len(links) >= len(MODULES), links
+    missing = [link for link in links if not site_file(site, link).is_file()]
+    assert not missing, missing
 
 
 WORKFLOW = ROOT / ".github" / "workflows" / "docs.yml"
