@@ -38,9 +38,8 @@ BENCH_DIR = Path("reports/bench")  # under the project root
 
 def _cpu_model() -> str:
     "The CPU's model name from /proc/cpuinfo, else what `platform` knows."
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError, StopIteration):
+        return next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")).split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 def _git_commit(root: Path) -> dict:
@@ -146,8 +145,7 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
 def print_features(results: list[dict], load_before: str) -> None:
     "The table of `bench_features`."
     print(f"feature extraction incl. JPEG decode, {results[0]['images']} photos; before: {load_before}; after: {load_average()}")
-    print("| sets | batch | img/s, 1 process | img/s, all processes | parallel efficiency |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| sets | batch | img/s, 1 process | img/s, all processes | parallel efficiency |\n| --- | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['sets']} | {r['batch_size']} | {r['img_s_1_process']:.1f} | {r['img_s_all']:.1f} "
               f"({r['workers']} processes) | {r['parallel_efficiency']:.2f} |")
@@ -181,8 +179,8 @@ def print_dask(results: list[dict], load_before: str) -> None:
     r0 = results[0]
     print(f"extraction of {r0['sets']} (tasks of {r0['batch_size']}) incl. JPEG decode, {r0['images']} photos; "
           f"before: {load_before}; after: {load_average()}")
-    print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
@@ -324,6 +322,7 @@ def print_serve(r: dict, load_before: str) -> None:
 
 # %% ../nbs/19_bench.ipynb #5b92374f
 def print_backbones(results: list[dict], load_before: str, batch_size: int) -> None:
+    "The table of `bench_backbones`."
     print(f"backbones alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
     print("| backbone | threads | img/s |\n| --- | ---: | ---: |")
     for r in results: print(f"| {r['set']} | {r['threads']} | {r['img_s']:.1f} |")
