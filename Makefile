@@ -133,7 +133,9 @@ serve: $(VENV)/.pipeline
 dask-cluster: $(VENV)/.pipeline
 	$(BIN)/python -c "from catdog_nb.extract import dask_cluster_main; dask_cluster_main()" $(DASK_ARGS)
 
-# Benchmarks (catdog_nb.bench); run them on a quiet machine: they print the load average.
+# Benchmarks (catdog_nb.bench, catdog_nb.soak); run them on a quiet machine. Each prints a Markdown table with the load
+# average and writes it to reports/bench/<name>.md, and reports/bench/<name>.json: CPU, cores, load, date, commit, arguments
+# and figures (catdog_nb.bench.write_record). BENCH_ARGS="--out DIR" writes them elsewhere.
 # Feature extraction: images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
 # Options: make bench-features BENCH_ARGS="--n 960 --sets lite0"
 bench-features: $(VENV)/.pipeline data/raw

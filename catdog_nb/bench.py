@@ -1,6 +1,6 @@
-"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve`, and of the backbone and per-image
-profiles behind them: each prints its figures as Markdown tables with the load average. Figures come from these
-runs on a quiet machine, never from timed tests.
+"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve` and of the backbone and per-image
+profiles: each prints a Markdown table with the load average and writes it, with a record of the run, under
+`reports/bench/`. Figures come from these runs on a quiet machine, never from timed tests.
 
 Docs: https://catdog.github.io/catdog/bench.html.md"""
 
@@ -8,9 +8,9 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 
 # %% ../nbs/19_bench.ipynb #8037e893
 from __future__ import annotations
-import argparse, asyncio, hashlib, json, os, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, contextlib, datetime, hashlib, io, json, os, platform, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-from .core import load_params, project_root  # before cv2: core sets its pixel cap
+from .core import BENCH_DIR, SERVE_RECORDS, load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set
@@ -22,31 +22,63 @@ from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
-__all__ = ['PROFILE_STEPS', 'load_average', 'backbone_speed', 'bench_backbones', 'profile_path', 'bench_features',
-           'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service', 'bench_client',
-           'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
+__all__ = ['PROFILE_STEPS', 'SERVE_FIGURES', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path',
+           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
+           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile',
+           'record_name', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
-def load_average() -> str:
-    "The 1, 5 and 15-minute load averages and the cores this process may use, for the head of a table."
-    one, five, fifteen = os.getloadavg()
+def load_average(loads: tuple | None = None) -> str:
+    "The 1, 5 and 15-minute load averages (default: now) and the cores this process may use, for the head of a table."
+    one, five, fifteen = loads or os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {available_cores()} cores"
 
-# %% ../nbs/19_bench.ipynb #068fed64
-def backbone_speed(path: Path | str, size: int, threads: int, batch_size: int = 16, rounds: int = 6) -> float:
-    "Images per second of the backbone at `path`: median of `rounds` batches after a warm-up."
-    runner = load_engine(path, threads)
-    batch = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), np.float32)
-    runner.run(batch, ["embedding"])  # the first run allocates
-    seconds = []
-    for _ in range(rounds):
-        start = time.perf_counter(); runner.run(batch, ["embedding"]); seconds.append(time.perf_counter() - start)
-    return batch_size / float(np.median(seconds))
+# %% ../nbs/19_bench.ipynb #b3c0a002
+def _cpu_model() -> str:
+    "The CPU's model name from /proc/cpuinfo, else what `platform` knows."
+    with contextlib.suppress(OSError, StopIteration):
+        return next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")).split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
+def _git_commit(root: Path) -> dict:
+    "`{sha, dirty}` of the git HEAD at `root` (dirty: tracked files changed since); None for both outside a checkout."
+    git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+    head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    if head.returncode: return {"sha": None, "dirty": None}
+    return {"sha": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+def write_record(name: str, rows: list[dict], table_md: str, args: dict, load_before: tuple | None = None,
+                 extra: dict | None = None, directory: Path | str | None = None) -> Path:
+    "`<directory>/<name>.md` (`table_md`) and `<name>.json` (the run's record; default folder `BENCH_DIR`); the JSON's path."
+    root = project_root()
+    folder = Path(directory or root / BENCH_DIR); (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "cpu": _cpu_model(), "cores": available_cores(),
+              "load_average": {"before": list(load_before) if load_before else None, "after": list(os.getloadavg())},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": _git_commit(root), "args": args, "rows": rows, **(extra or {})}
+    (folder / f"{name}.md").write_text(table_md)
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return folder / f"{name}.json"
+
+def echoed(printer, *args) -> str:
+    "What `printer(*args)` prints, printed and returned: the table a record keeps."
+    with contextlib.redirect_stdout(io.StringIO()) as out: printer(*args)
+    print(out.getvalue(), end="")
+    return out.getvalue()
+
+# %% ../nbs/19_bench.ipynb #068fed64
 def bench_backbones(backbones: dict[str, Path], threads=(1, 2), batch_size: int = 16, rounds: int = 6) -> list[dict]:
-    "`backbone_speed` of each backbone (`{set: onnx file}`) and thread count."
-    return [{"set": name, "threads": t, "img_s": backbone_speed(path, input_size(name), t, batch_size, rounds)}
-            for name, path in backbones.items() for t in threads]
+    "Images/s of each backbone (`{set: onnx file}`) on each of `threads`: the median of `rounds` random batches after a warm-up."
+    rows = []
+    for name, path in backbones.items():
+        batch = np.random.default_rng(0).standard_normal((batch_size, 3, input_size(name), input_size(name)), np.float32)
+        for t in threads:
+            runner, seconds = load_engine(path, t), []
+            runner.run(batch, ["embedding"])  # the first run allocates
+            for _ in range(rounds):
+                start = time.perf_counter(); runner.run(batch, ["embedding"]); seconds.append(time.perf_counter() - start)
+            rows.append({"set": name, "threads": t, "img_s": batch_size / float(np.median(seconds))})
+    return rows
 
 # %% ../nbs/19_bench.ipynb #b95aa3c4
 PROFILE_STEPS = ("decode", "square crop", "resize", "normalise", "forward", "booster")
@@ -97,11 +129,9 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
     "Throughput of each of `sets` (default: the served ones, `train.feature_sets`) and of all together."
     root, params = Path(root or project_root()), params or load_params()
     rows = _bench_sample(root / params["data"]["raw_dir"], n, root)
-    workers, sets = workers or default_workers(), check_sets(sets or params["train"]["feature_sets"])
-    results = []
+    workers, sets, results = workers or default_workers(), check_sets(sets or params["train"]["feature_sets"]), []
     for together in [(s,) for s in sets] + ([sets] if len(sets) > 1 else []):
-        overrides = {"batch_size": batch_size} if batch_size else {}
-        extractor = FeatureExtractor.from_params(params, sets=together, root=root, **overrides)
+        extractor = FeatureExtractor.from_params(params, sets=together, root=root, **({"batch_size": batch_size} if batch_size else {}))
         tasks = _bench_tasks(rows, extractor, root)
         rates = {w: _rate(ExtractionPool(extractor.init_args, w), tasks, len(rows)) for w in sorted({1, workers})}
         results.append({"sets": "+".join(together), "batch_size": extractor.batch_size, "images": len(rows),
@@ -113,8 +143,7 @@ def bench_features(n: int = 480, sets=None, workers: int = 0, batch_size: int | 
 def print_features(results: list[dict], load_before: str) -> None:
     "The table of `bench_features`."
     print(f"feature extraction incl. JPEG decode, {results[0]['images']} photos; before: {load_before}; after: {load_average()}")
-    print("| sets | batch | img/s, 1 process | img/s, all processes | parallel efficiency |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| sets | batch | img/s, 1 process | img/s, all processes | parallel efficiency |\n| --- | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['sets']} | {r['batch_size']} | {r['img_s_1_process']:.1f} | {r['img_s_all']:.1f} "
               f"({r['workers']} processes) | {r['parallel_efficiency']:.2f} |")
@@ -148,8 +177,8 @@ def print_dask(results: list[dict], load_before: str) -> None:
     r0 = results[0]
     print(f"extraction of {r0['sets']} (tasks of {r0['batch_size']}) incl. JPEG decode, {r0['images']} photos; "
           f"before: {load_before}; after: {load_average()}")
-    print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| path | img/s, 1 worker | img/s, {r0['workers']} workers | parallel efficiency | vs local processes |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
@@ -179,26 +208,22 @@ async def _post_raw(reader, writer, host: str, path: str, body: bytes, content_t
 async def drive_service(host: str, port: int, blobs: list[bytes], concurrency: int = 8, n_requests: int = 800,
                         idle_requests: int = 50) -> dict:
     "Latencies (s) of `idle_requests` sequential requests, then of `n_requests` at `concurrency`, and the wall time."
-    async def connect(): return await asyncio.open_connection(host, port)
-    reader, writer = await connect()
-    idle = []
-    for i in range(idle_requests):
+    async def run(n: int, clients: int) -> tuple[list, dict, float]:
+        latencies, statuses, counter = [], {}, iter(range(n))
+        async def client():
+            reader, writer = await asyncio.open_connection(host, port)
+            for i in counter:
+                start = time.perf_counter()
+                status = await _post_raw(reader, writer, host, "/predict", blobs[i % len(blobs)], "image/jpeg")
+                latencies.append(time.perf_counter() - start); statuses[status] = statuses.get(status, 0) + 1
+            writer.close()
         start = time.perf_counter()
-        status = await _post_raw(reader, writer, host, "/predict", blobs[i % len(blobs)], "image/jpeg")
-        idle.append(time.perf_counter() - start)
-        if status != 200: raise RuntimeError(f"idle request {i} answered {status}")
-    writer.close()
-    latencies, statuses, counter = [], {}, iter(range(n_requests))
-    async def client():
-        reader, writer = await connect()
-        for i in counter:
-            start = time.perf_counter()
-            status = await _post_raw(reader, writer, host, "/predict", blobs[i % len(blobs)], "image/jpeg")
-            latencies.append(time.perf_counter() - start); statuses[status] = statuses.get(status, 0) + 1
-        writer.close()
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"idle": idle, "latencies": latencies, "wall_s": time.perf_counter() - start, "statuses": statuses}
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return latencies, statuses, time.perf_counter() - start
+    idle, idle_statuses, _ = await run(idle_requests, 1)
+    if set(idle_statuses) - {200}: raise RuntimeError(f"the idle service answered {idle_statuses}")
+    latencies, statuses, wall_s = await run(n_requests, concurrency)
+    return {"idle": idle, "latencies": latencies, "wall_s": wall_s, "statuses": statuses}
 
 def bench_client() -> None:
     "The load generator's process: JSON arguments on stdin, JSON results on stdout."
@@ -256,18 +281,20 @@ def serve_once(model_uri: str | Path, photos: list[Path], concurrency: int = 8, 
     ms = lambda xs, q: float(np.percentile(xs, q) * 1000)
     return {"service_rps": n_requests / run["wall_s"], "statuses": run["statuses"],
             "p50_ms": ms(run["latencies"], 50), "p95_ms": ms(run["latencies"], 95), "p99_ms": ms(run["latencies"], 99),
-            "idle_p50_ms": ms(run["idle"], 50), "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak")}
+            "idle_p50_ms": ms(run["idle"], 50), "idle_p95_ms": ms(run["idle"], 95), "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak")}
 
 # %% ../nbs/19_bench.ipynb #db7f19ce
 def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_requests: int = 800,
                 idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> dict:
-    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one)."
-    model_uri = resolve_bundle(model_uri or default_model_uri())  # a models:/ URI fetched once, here, not by each step
-    photos = sample_photos(per_class)
+    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one), which `bundle` names."
+    asked = str(model_uri or default_model_uri())
+    model_uri = resolve_bundle(asked)  # a models:/ URI fetched once, here, not by each step
+    meta, photos = read_bundle_meta(model_uri), sample_photos(per_class)
     in_process = in_process_throughput(model_uri, [p.read_bytes() for p in photos], batch_size)
     figures = serve_once(model_uri, photos, concurrency, n_requests, idle_requests)
     return figures | {"in_process_ips": in_process, "ratio": figures["service_rps"] / in_process, "photos": len(photos),
-                      "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size}
+                      "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size,
+                      "bundle": {"uri": asked, "name": meta["name"], "version": meta["version"], "feature_sets": meta["feature_sets"]}}
 
 # %% ../nbs/19_bench.ipynb #1869f4dd
 _SERVE_ROWS = {  # figure -> (key, format)
@@ -275,22 +302,25 @@ _SERVE_ROWS = {  # figure -> (key, format)
     "service at concurrency {concurrency}, {requests} requests (requests/s)": ("service_rps", "{:.1f}"),
     "ratio service / in-process": ("ratio", "{:.3f}"),
     "latency at concurrency {concurrency}: p50 / p95 / p99 (ms)": (("p50_ms", "p95_ms", "p99_ms"), "{:.0f}"),
-    "idle service, p50 of sequential requests (ms)": ("idle_p50_ms", "{:.1f}"),
+    "idle service, p50 / p95 of sequential requests (ms)": (("idle_p50_ms", "idle_p95_ms"), "{:.1f}"),
     "server resident memory: after warm-up / peak (MiB)": (("rss_warm_mib", "rss_peak_mib"), "{:.0f}"),
+    "serving venv on disk (MiB)": ("serve_venv_mib", "{:.0f}"),
     "statuses": ("statuses", "{}"),
 }
+SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "idle_p50_ms", "idle_p95_ms", "rss_peak_mib", "serve_venv_mib")
 
-def print_serve(r: dict, load_before: str, serve_venv: Path | None = None) -> None:
+def print_serve(r: dict, load_before: str) -> None:
     "The figures of `bench_serve` as a Markdown table."
-    print(f"service benchmark, {r['photos']} photos; before: {load_before}; after: {load_average()}")
+    print(f"service benchmark of {r['bundle']['name']} version {r['bundle']['version']} ({'+'.join(r['bundle']['feature_sets'])}), "
+          f"{r['photos']} photos; before: {load_before}; after: {load_average()}")
     print("| figure | value |\n| --- | ---: |")
     for label, (keys, fmt) in _SERVE_ROWS.items():
         keys = keys if isinstance(keys, tuple) else (keys,)
         print(f"| {label.format(**r)} | " + " / ".join("-" if r.get(k) is None else fmt.format(r[k]) for k in keys) + " |")
-    if serve_venv and serve_venv.is_dir(): print(f"serving venv {serve_venv}: {_disk_mib(serve_venv):.0f} MiB on disk")
 
 # %% ../nbs/19_bench.ipynb #5b92374f
 def print_backbones(results: list[dict], load_before: str, batch_size: int) -> None:
+    "The table of `bench_backbones`."
     print(f"backbones alone, batches of {batch_size} random inputs; before: {load_before}; after: {load_average()}")
     print("| backbone | threads | img/s |\n| --- | ---: | ---: |")
     for r in results: print(f"| {r['set']} | {r['threads']} | {r['img_s']:.1f} |")
@@ -303,53 +333,68 @@ def print_profile(profile: dict[str, float], load_before: str) -> None:
     for step, seconds in [*profile.items(), ("total", total)]: print(f"| {step} | {seconds * 1000:.2f} | {seconds / total:.1%} |")
 
 # %% ../nbs/19_bench.ipynb #ee60ca78
-def _profile_command(a, params: dict, root: Path) -> None:
+def _sample_command(a, params: dict, root: Path, load_before: str) -> tuple:
+    bench, show = {"features": (bench_features, print_features), "dask": (bench_dask, print_dask)}[a.command]
+    rows = bench(a.n, a.sets, a.workers, a.batch_size, params, root)
+    return rows, echoed(show, rows, load_before), {}
+
+def _serve_command(a, params: dict, root: Path, load_before: str) -> tuple:
+    r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
+    venv = root / ".venv-serve"  # what `make bench-serve` builds: the serving set as the image installs it
+    r["serve_venv_mib"] = _disk_mib(venv) if venv.is_dir() else None
+    serve = {k: r[k] for k in SERVE_FIGURES}  # what the memory ceiling of catdog_nb.service and the README read
+    return [r], echoed(print_serve, r, load_before), {"bundle": r["bundle"], "serve": serve}
+
+def record_name(command: str, extra: dict) -> str:
+    "`serve/<the bundle's sets joined by +>` for a serve run, one record per bundle that `compare` reads; else the command."
+    return (SERVE_RECORDS / "+".join(extra["bundle"]["feature_sets"])).relative_to(BENCH_DIR).as_posix() if command == "serve" else command
+
+def _profile_command(a, params: dict, root: Path, load_before: str) -> tuple:
     classifier = Classifier.load(a.model or default_model_uri(), batch_size=a.batch_size)
     deep = [s for s in classifier.extractor.sets if is_backbone_set(s)]
     if classifier.extractor.sets != tuple(deep[:1]):
         raise SystemExit(f"profile: the bundle's sets are {classifier.extractor.sets}; it profiles one backbone alone")
-    blobs, load_before = [p.read_bytes() for p in sample_photos(a.n // 2)], load_average()
-    profile = profile_path(blobs, classifier.decode, classifier.extractor.backbones[deep[0]], input_size(deep[0]),
-                           classifier.booster, a.batch_size, a.threads, classifier.head)
-    print_profile(profile, load_before)
+    profile = profile_path([p.read_bytes() for p in sample_photos(a.n // 2)], classifier.decode, classifier.extractor.backbones[deep[0]],
+                           input_size(deep[0]), classifier.booster, a.batch_size, a.threads, classifier.head)
+    return [profile], echoed(print_profile, profile, load_before), {}
 
-def _backbones_command(a, params: dict, root: Path) -> None:
-    files = backbone_files(a.sets.split(",") if a.sets else params["backbone"]["variants"], root / params["backbone"]["dir"],
+def _backbones_command(a, params: dict, root: Path, load_before: str) -> tuple:
+    files = backbone_files(a.sets.split(",") if a.sets else params["train"]["feature_sets"], root / params["backbone"]["dir"],
                            lambda: calibration_photos(params["data"]["manifest"], params["backbone"]["calibration"], params["seed"]))
-    load_before = load_average()
-    threads = [int(t) for t in a.threads.split(",")]
-    print_backbones(bench_backbones(files, threads, a.batch_size, a.rounds), load_before, a.batch_size)
+    rows = bench_backbones(files, [int(t) for t in a.threads.split(",")], a.batch_size, a.rounds)
+    return rows, echoed(print_backbones, rows, load_before, a.batch_size), {}
 
 # %% ../nbs/19_bench.ipynb #c868727e
-def bench_main(argv: list[str] | None = None) -> None:
-    "`features | dask | serve | backbones | profile` and their options: prints Markdown tables with the load average."
-    p = argparse.ArgumentParser(prog="catdog_nb.bench", description="Benchmarks: Markdown tables with the load average.")
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catdog_nb.bench", description="Benchmarks: a Markdown table and a record under reports/bench.")
     sub = p.add_subparsers(dest="command", required=True)
-    sample = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=None, help="folder of the table and the record (default: reports/bench)")
+    sample = argparse.ArgumentParser(add_help=False, parents=[common])
     sample.add_argument("--n", type=int, default=480, help="photos in the sample")
     sample.add_argument("--sets", default=None, help="comma-separated sets (default: params.yaml train.feature_sets)")
     sample.add_argument("--workers", type=int, default=0, help="processes or Dask workers for the all-cores run (0 = one per core)")
     sample.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
     sub.add_parser("features", parents=[sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
     sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
-    s = sub.add_parser("serve", help="in-process and service throughput, latency and memory of a bundle")
+    s = sub.add_parser("serve", parents=[common], help="in-process and service throughput, latency and memory of a bundle")
     s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: params.yaml train.bundle_dir)")
     s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
     s.add_argument("--idle-requests", type=int, default=50); s.add_argument("--per-class", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=32, help="in-process batches")
-    e = sub.add_parser("backbones", help="the backbones alone, random input")
-    e.add_argument("--sets", default=None, help="comma-separated backbone sets (default: params.yaml backbone.variants)")
-    e.add_argument("--threads", default="1,2"); e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--rounds", type=int, default=6)
-    r = sub.add_parser("profile", help="share of time per step of the per-image path of the served bundle")
+    e = sub.add_parser("backbones", parents=[common], help="the backbones alone, random input")
+    e.add_argument("--sets", default=None, help="comma-separated backbone sets (default: params.yaml train.feature_sets)")
+    e.add_argument("--threads", default="1,2"); e.add_argument("--batch-size", type=int, default=16); e.add_argument("--rounds", type=int, default=6)
+    r = sub.add_parser("profile", parents=[common], help="share of time per step of the per-image path of the served bundle")
     r.add_argument("--model", default=None); r.add_argument("--n", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=16); r.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    params, root, load_before = load_params(), project_root(), load_average()
-    if a.command == "features":
-        print_features(bench_features(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
-    elif a.command == "dask": print_dask(bench_dask(a.n, a.sets, a.workers, a.batch_size, params, root), load_before)
-    elif a.command == "serve":
-        figures = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
-        print_serve(figures, load_before, root / ".venv-serve")
-    else: {"backbones": _backbones_command, "profile": _profile_command}[a.command](a, params, root)
+    return p
+
+def bench_main(argv: list[str] | None = None) -> None:
+    "`features | dask | serve | backbones | profile` and their options: prints the table, writes it and its record."
+    a = _bench_parser().parse_args(argv)
+    params, root, before = load_params(), project_root(), os.getloadavg()
+    command = {"features": _sample_command, "dask": _sample_command, "serve": _serve_command,
+               "backbones": _backbones_command, "profile": _profile_command}[a.command]
+    rows, table, extra = command(a, params, root, load_average(before))
+    print(f"record: {write_record(record_name(a.command, extra), rows, table, vars(a), before, extra, a.out)}")

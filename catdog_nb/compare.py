@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .backbone import backbone_files, backbone_path, calibration_photos
-from .core import dask_client, get_logger
+from .core import SERVE_RECORDS, dask_client, get_logger
 from .extract import extract_features, write_tables
 from .features import FeatureExtractor, check_sets, feature_settings
 from .metrics import classification_metrics, image_log_losses, standard_errors
@@ -24,8 +24,8 @@ from .bundle import predict_proba
 from .train import LGB_KEYS, fit_linear, load_dataset, train_booster
 
 # %% auto #0
-__all__ = ['CV_SPLITS', 'COMPARE_DIR', 'SERVE_RECORDS', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold',
-           'cv_metrics', 'paired_difference', 'candidate_name', 'named_candidates', 'candidate_tables', 'served_rps',
+__all__ = ['CV_SPLITS', 'COMPARE_DIR', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics',
+           'paired_difference', 'candidate_name', 'named_candidates', 'candidate_tables', 'served_rps',
            'evaluate_candidate', 'cross_validate', 'compare_candidates', 'choose_candidate', 'worth_measuring',
            'search_grid', 'search_settings', 'choose_settings', 'write_comparison', 'search_summary',
            'comparison_figure']
@@ -139,8 +139,6 @@ def candidate_tables(sets, params: dict, root: Path | str, progress: bool = True
     return out
 
 # %% ../nbs/14_compare.ipynb #757f0ef7
-SERVE_RECORDS = Path("reports/bench/serve")  # make bench-serve's records, under the project root; a dep of stage compare
-
 def _when(date: str) -> datetime:
     "An ISO 8601 date and time; without a time zone, UTC."
     when = datetime.fromisoformat(date)
@@ -148,14 +146,14 @@ def _when(date: str) -> datetime:
 
 def served_rps(folder: Path | str) -> dict[str, float]:
     """`{candidate name: requests/s}` of the `make bench-serve` records `<folder>/*.json` (`bundle.feature_sets`,
-    `requests_per_s`, `date`): each candidate's latest record by `date`. ValueError naming a record that lacks one."""
+    `serve.service_rps`, `date`): each candidate's latest record by `date`. ValueError naming a record that lacks one."""
     folder, latest = Path(folder), {}
     if not folder.is_dir(): raise FileNotFoundError(f"no folder {folder}: `make bench-serve` writes its records there")
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
-        try: name, rps, when = candidate_name(record["bundle"]["feature_sets"]), float(record["requests_per_s"]), _when(record["date"])
+        try: name, rps, when = candidate_name(record["bundle"]["feature_sets"]), float(record["serve"]["service_rps"]), _when(record["date"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} is not a bench-serve record (bundle.feature_sets, requests_per_s, date): {e!r}") from None
+            raise ValueError(f"{path} is not a bench-serve record (bundle.feature_sets, serve.service_rps, date): {e!r}") from None
         if name not in latest or when >= latest[name][0]: latest[name] = (when, rps)
     return {name: rps for name, (_, rps) in sorted(latest.items())}
 

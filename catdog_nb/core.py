@@ -14,13 +14,17 @@ import yaml
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_PIXELS', 'project_root', 'load_params', 'get_logger', 'seed_everything', 'dask_client', 'Progress',
-           'run_stage']
+__all__ = ['DEFAULT_MAX_PIXELS', 'BENCH_DIR', 'SERVE_RECORDS', 'project_root', 'load_params', 'get_logger', 'seed_everything',
+           'dask_client', 'Progress', 'run_stage']
 
 # %% ../nbs/00_core.ipynb #75b5dcaa
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service and the CLI read CATDOG_MAX_PIXELS
 # OpenCV reads its limit when it loads: set it before any `import cv2` (catdog modules import core first)
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", os.environ.get("CATDOG_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
+
+# %% ../nbs/00_core.ipynb #8c47ecdc
+BENCH_DIR = Path("reports/bench")    # what `make bench-*` writes, under the project root
+SERVE_RECORDS = BENCH_DIR / "serve"  # `make bench-serve`'s record of each bundle: <its sets joined by +>.json
 
 # %% ../nbs/00_core.ipynb #2eca69d1
 def project_root(start: Path | str | None = None) -> Path:

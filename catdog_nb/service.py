@@ -8,9 +8,10 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/18_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, ctypes, functools, os, typing
+import asyncio, contextlib, ctypes, functools, json, os, typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
+from pathlib import Path
 import anyio
 import numpy as np
 from fastcore.basics import patch
@@ -28,8 +29,8 @@ from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchRe
                            PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
                            problem, problem_responses, read_form, read_part, with_body)
 from .batcher import MicroBatcher, QueueFull
-from .core import get_logger
-from .bundle import BundleError
+from .core import SERVE_RECORDS, get_logger, project_root
+from .bundle import BundleError, bundle_files, read_bundle_meta
 from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
 from .engine import available_cores
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
@@ -37,9 +38,9 @@ from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, Prediction, default_model_uri
 
 # %% auto #0
-__all__ = ['MODEL_BASE_MIB', 'Settings', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState', 'service_state',
-           'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health',
-           'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
+__all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'Settings', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
+           'ServiceState', 'service_state', 'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts',
+           'predict_batch', 'health', 'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
 
 # %% ../nbs/18_service.ipynb #d65caa16
 @dataclass(frozen=True)
@@ -76,10 +77,23 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
     return cls(**values)
 
 # %% ../nbs/18_service.ipynb #05d6603a
-MODEL_BASE_MIB = 490  # one worker, warmed up, a full batch in flight (make bench-serve's resident memory, with a margin)
+RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime, + MiB resident per MiB of bundle files
 
-def memory_ceiling_mib(settings: Settings, base_mib: float = MODEL_BASE_MIB) -> float:
-    "Worst-case resident memory of one worker, in MiB: the model, plus all that the limits let requests hold at once."
+def model_base_mib(bundle: Path | str, record: Path | str | None = None) -> tuple[float, str]:
+    """Resident MiB of one worker serving the bundle folder `bundle`, warmed up with a full batch in flight, and where the
+    figure comes from: the peak in `record` (default: the bundle's sets' in `SERVE_RECORDS`) if it names this bundle's
+    version, else the estimate."""
+    meta, bundle = read_bundle_meta(bundle), Path(bundle)
+    record = Path(record or project_root() / SERVE_RECORDS / f"{'+'.join(meta['feature_sets'])}.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no record, or not one of this bundle
+        measured = json.loads(record.read_text())
+        if measured["bundle"]["version"] == meta["version"] and measured["serve"]["rss_peak_mib"]:
+            return float(measured["serve"]["rss_peak_mib"]), f"measured by make bench-serve on {measured['date']}"
+    files = sum((bundle / name).stat().st_size for name in bundle_files(meta)) / 2**20
+    return RUNTIME_MIB + FILES_FACTOR * files, f"estimated from its {files:.1f} MiB of files"
+
+def memory_ceiling_mib(settings: Settings, base_mib: float) -> float:
+    "Worst-case resident memory of one worker, in MiB: the model (`model_base_mib`), plus all that the limits let requests hold at once."
     held = (settings.limit_concurrency * settings.max_bytes       # request bodies being read
             + settings.decode_threads * 6 * settings.max_pixels   # images being decoded
             + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model

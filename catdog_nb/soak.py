@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse, asyncio, json, os, random, socket, struct, subprocess, sys, tempfile, time, zlib
 from pathlib import Path
 import numpy as np
-from .bench import _memory_mib, _wait_ready, load_average
+from .bench import _memory_mib, _wait_ready, echoed, load_average, write_record
 from .data import sample_photos
 from .predict import default_model_uri
 
@@ -163,10 +163,13 @@ def print_soak(figures: dict, load_before: str) -> None:
     for name, value in rows.items(): print(f"| {name} | {value} |")
 
 def soak_main(argv: list[str] | None = None) -> None:
-    "`make bench-soak`: `--model`, `--requests`, `--concurrency`, `--hostile-share`."
+    "`make bench-soak`: `--model`, `--requests`, `--concurrency`, `--hostile-share`, `--out`; prints the table and writes its record."
     p = argparse.ArgumentParser(prog="catdog_nb.soak", description="Soak a live catdog serve with good and hostile requests.")
     p.add_argument("--model", default=None); p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=16); p.add_argument("--hostile-share", type=float, default=0.2)
+    p.add_argument("--out", default=None, help="folder of the table and the record (default: reports/bench)")
     a = p.parse_args(argv)
-    load_before = load_average()
-    print_soak(bench_soak(a.model, a.requests, a.concurrency, a.hostile_share), load_before)
+    before = os.getloadavg()
+    figures = bench_soak(a.model, a.requests, a.concurrency, a.hostile_share)
+    table = echoed(print_soak, figures, load_average(before))
+    print(f"record: {write_record('soak', [figures], table, vars(a), before, directory=a.out)}")
