@@ -12,7 +12,7 @@ UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
 .PHONY: pipeline compare test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs \
-	bench-features bench-serve bench-soak dask-cluster bench-dask
+	bench-features bench-serve bench-soak bench-pipeline dask-cluster bench-dask
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
 # install, and with PYTHONDONTWRITEBYTECODE=1 (set in many CI and container shells) Python never writes it either:
@@ -161,6 +161,11 @@ $(SERVE_VENV)/.serve: requirements/serve.txt pyproject.toml $(wildcard catdog_nb
 # memory. One bundle (default params.yaml train.bundle_dir): make bench-serve BENCH_ARGS="--model models:/catdog/5"
 bench-serve: $(VENV)/.pipeline data/raw $(SERVE_VENV)/.serve
 	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
+
+# A fresh clone of the committed HEAD (commit first): make pipeline, install included, then again; dvc status and git
+# status after it (catdog_nb.bench_pipeline). Writes reports/bench/pipeline.{md,json}. Options: BENCH_ARGS="--keep"
+bench-pipeline: $(VENV)/.pipeline
+	$(BIN)/python -c "from catdog_nb.bench_pipeline import bench_pipeline_main; bench_pipeline_main()" $(BENCH_ARGS)
 
 # A live service under 10,000 mixed good and hostile requests at concurrency 16: 5xx, latency, memory (catdog_nb.soak).
 # Options: make bench-soak BENCH_ARGS="--requests 2000 --model models/catdog"

@@ -24,8 +24,7 @@ from .predict import Classifier, default_model_uri
 # %% auto #0
 __all__ = ['PROFILE_STEPS', 'SERVE_FIGURES', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path',
            'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
-           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile',
-           'record_name', 'bench_main']
+           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #09a3a932
 def load_average(loads: tuple | None = None) -> str:
@@ -345,10 +344,6 @@ def _serve_command(a, params: dict, root: Path, load_before: str) -> tuple:
     serve = {k: r[k] for k in SERVE_FIGURES}  # what the memory ceiling of catdog_nb.service and the README read
     return [r], echoed(print_serve, r, load_before), {"bundle": r["bundle"], "serve": serve}
 
-def record_name(command: str, extra: dict) -> str:
-    "`serve/<the bundle's sets joined by +>` for a serve run, one record per bundle that `compare` reads; else the command."
-    return (SERVE_RECORDS / "+".join(extra["bundle"]["feature_sets"])).relative_to(BENCH_DIR).as_posix() if command == "serve" else command
-
 def _profile_command(a, params: dict, root: Path, load_before: str) -> tuple:
     classifier = Classifier.load(a.model or default_model_uri(), batch_size=a.batch_size)
     deep = [s for s in classifier.extractor.sets if is_backbone_set(s)]
@@ -397,4 +392,5 @@ def bench_main(argv: list[str] | None = None) -> None:
     command = {"features": _sample_command, "dask": _sample_command, "serve": _serve_command,
                "backbones": _backbones_command, "profile": _profile_command}[a.command]
     rows, table, extra = command(a, params, root, load_average(before))
-    print(f"record: {write_record(record_name(a.command, extra), rows, table, vars(a), before, extra, a.out)}")
+    serve = SERVE_RECORDS.relative_to(BENCH_DIR) / "+".join(extra.get("bundle", {}).get("feature_sets", []))  # one per bundle
+    print(f"record: {write_record(serve.as_posix() if a.command == 'serve' else a.command, rows, table, vars(a), before, extra, a.out)}")

@@ -70,6 +70,7 @@ class LinearHead:
             raise BundleError(f"{LINEAR_FILE}: mean, scale and coef must be vectors of one length")
         return cls(**arrays, intercept=float(d["intercept"]), weight=float(d["weight"]))
 
+# %% ../nbs/08_bundle.ipynb #8ec9e4f9
 def booster_logit(booster: lgb.Booster, X: np.ndarray, num_threads: int | None = None) -> np.ndarray:
     "The booster's raw score of feature rows `X` at its best iteration: the logit of P(`CLASSES[1]`)."
     return np.asarray(booster.predict(X, raw_score=True, num_iteration=booster.best_iteration or None,
