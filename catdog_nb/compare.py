@@ -181,7 +181,7 @@ def cross_validate(runs: dict[str, tuple[list[str], dict]], seed: int, folds: in
             with mlflow.start_run(run_name=name, nested=True, tags={**run_tags, "feature_sets": ",".join(sets)}):
                 result, p = evaluate_candidate(sets, cfg, seed, folds, manifest, features_dir, label)
                 mlflow.log_params({**{f"train.{k}": v for k, v in cfg.items()}, "seed": seed, "compare.folds": folds,
-                                   "features.sets": ",".join(sets)})
+                                   "sets": ",".join(sets)})
                 mlflow.log_metrics(result)
         if oof is None: oof = p[["y"]].copy()
         if not p.index.equals(oof.index): raise ValueError(f"{name} was scored on other rows than {oof.columns[1]}")

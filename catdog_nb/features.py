@@ -183,7 +183,7 @@ def __call__(self: ClassicDescriptors, image: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float32).ravel() for _, v in self._blocks(image)])
 
 # %% ../nbs/05_features.ipynb #1b6719d0
-EMBEDDING_DIM = 1280  # EfficientNet-Lite's pooled feature width (all variants)
+EMBEDDING_DIM = 1280  # EfficientNet-Lite's pooled feature width (every size)
 
 class FeatureExtractor:
     "Decoded BGR uint8 images -> float32 feature rows of the selected `sets`; the one path every caller uses."

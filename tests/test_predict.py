@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # `catdog predict` in subprocesses
