@@ -116,12 +116,12 @@ def close(self: Progress) -> None:
 
 # %% ../nbs/00_core.ipynb #0c05f9aa
 def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
-    """Execute `nbs/<notebook>.ipynb` with papermill into `<reports>/<notebook>.ipynb`, or `<notebook>-<value>...` with
-    the values of `parameters` (one report per set of a per-set stage); returns the executed notebook."""
+    """Execute `nbs/<notebook>.ipynb` with papermill into `<reports>/<notebook>.ipynb` (`<notebook>-<set>.ipynb` for a
+    per-set stage, given the parameter `feature_set`); returns the executed notebook."""
     import papermill
     from traitlets.config import Config
     root = project_root()
-    out = root / reports / f"{'-'.join([notebook, *map(str, parameters.values())])}.ipynb"
+    out = root / reports / f"{'-'.join([notebook, *([parameters['feature_set']] if 'feature_set' in parameters else [])])}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="catdog-kernel-") as sockets:  # not in the working directory
         config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}})
