@@ -8,13 +8,14 @@ Docs: https://catdog.github.io/catdog/bench_pipeline.html.md"""
 
 # %% ../nbs/22_bench_pipeline.ipynb #ec4e9006
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse, base64, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 from .bench import echoed, load_average, write_record
 from .core import project_root
 
 # %% auto #0
-__all__ = ['remote_urls', 'clean_env', 'timed', 'bench_pipeline', 'print_pipeline', 'bench_pipeline_main']
+__all__ = ['CHAMPION', 'remote_urls', 'clean_env', 'timed', 'champion_labels', 'bench_pipeline', 'print_pipeline',
+           'bench_pipeline_main']
 
 # %% ../nbs/22_bench_pipeline.ipynb #305f7c89
 def remote_urls(root: Path | str) -> dict[str, str]:
@@ -38,9 +39,24 @@ def timed(command: list[str], cwd: Path, log: Path) -> float:
     if done.returncode: raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
 
+# %% ../nbs/22_bench_pipeline.ipynb #af279b44
+CHAMPION = "models:/catdog@champion"
+
+def champion_labels(clone: Path, photo: Path) -> dict[str, str]:
+    "The label of `photo` from `catdog predict` and from `mlflow models predict`, each loading `CHAMPION` in `clone`."
+    run = lambda *args: subprocess.run([str(a) for a in args], cwd=clone, env=clean_env(), capture_output=True, text=True, check=True)
+    catdog = json.loads(run(clone / ".venv/bin/catdog", "predict", photo, "--model", CHAMPION).stdout)["label"]
+    with tempfile.TemporaryDirectory() as d:
+        request = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(photo.read_bytes()).decode()]]}}
+        (Path(d) / "in.json").write_text(json.dumps(request))
+        run(clone / ".venv/bin/mlflow", "models", "predict", "-m", CHAMPION, "-i", Path(d) / "in.json", "-t", "json",
+            "-o", Path(d) / "out.json", "--env-manager", "local")
+        mlflow = json.loads((Path(d) / "out.json").read_text())["predictions"][0]["label"]
+    return {"catdog predict": catdog, "mlflow models predict": mlflow}
+
 # %% ../nbs/22_bench_pipeline.ipynb #fd2bdad6
 def bench_pipeline(root: Path | str | None = None, keep: bool = False) -> dict:
-    "Wall times of a fresh clone's first and second `make pipeline`, the stages `dvc status` lists, and `git status`."
+    "Wall times of a fresh clone's first and second `make pipeline`, what `dvc status` and `git status` say, `champion_labels`."
     root, folder = Path(root or project_root()), Path(tempfile.mkdtemp(prefix="catdog-clone-"))
     clone, log = folder / "catdog", folder / "pipeline.log"
     try:
@@ -51,7 +67,9 @@ def bench_pipeline(root: Path | str | None = None, keep: bool = False) -> dict:
         status = json.loads(subprocess.run([str(clone / ".venv/bin/dvc"), "status", "--json"], cwd=clone, capture_output=True,
                                            text=True, check=True).stdout or "{}")
         changed = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True, check=True).stdout
+        photo = min((clone / "data/raw/dog").glob("*.jpg"))
         return {"first_run_s": first, "second_run_s": second, "not_built": sorted(status), "git_status": changed.splitlines(),
+                "champion": {"photo": photo.relative_to(clone).as_posix(), **champion_labels(clone, photo)},
                 "clone": str(clone) if keep else None}
     finally:
         if not keep: subprocess.run(["rm", "-rf", str(folder)])
@@ -64,6 +82,8 @@ def print_pipeline(r: dict, load_before: str) -> None:
     print(f"| first make pipeline | {r['first_run_s'] / 60:.1f} min |\n| second make pipeline | {r['second_run_s']:.0f} s |")
     print(f"| dvc status: stages not built | {', '.join(r['not_built']) or 'none'} |")
     print(f"| git status | {'clean' if not r['git_status'] else ', '.join(r['git_status'])} |")
+    labels = "; ".join(f"{k}: {v}" for k, v in r["champion"].items() if k != "photo")
+    print(f"| {CHAMPION} on {r['champion']['photo']} | {labels} |")
 
 def bench_pipeline_main(argv: list[str] | None = None) -> None:
     "`make bench-pipeline`: prints the table, writes it and its record (`reports/bench/pipeline.json`)."
