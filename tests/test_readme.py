@@ -92,7 +92,7 @@ def test_readme_says_what_is_not_what_happened():
 
 
 @pytest.mark.parametrize("text, added", [
-    ("```sh\n.venv/bin/dvc exp run x -S 'features.sets=[a,b]' \\\n  -S 'y=[[a]]'  # c\n```\n", ["features.sets=[a,b]", "y=[[a]]"]),
+    ("```sh\n.venv/bin/dvc exp run x -S 'train.feature_sets=[a,b]' \\\n  -S 'y=[[a]]'  # c\n```\n", ["train.feature_sets=[a,b]", "y=[[a]]"]),
     ("```sh\nmake pipeline -S nothing\n```\n```\ndvc exp run -S not=shell\n```\n", []),
 ])
 def test_set_params_are_read_from_sh_blocks_only(text, added):
