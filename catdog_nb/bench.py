@@ -10,7 +10,7 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 from __future__ import annotations
 import argparse, asyncio, contextlib, datetime, hashlib, io, json, os, platform, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-from .core import BENCH_DIR, SERVE_RECORDS, load_params, project_root  # before cv2: core sets its pixel cap
+from .core import BENCH_DIR, load_params, project_root, serve_record  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
 from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set
@@ -392,5 +392,5 @@ def bench_main(argv: list[str] | None = None) -> None:
     command = {"features": _sample_command, "dask": _sample_command, "serve": _serve_command,
                "backbones": _backbones_command, "profile": _profile_command}[a.command]
     rows, table, extra = command(a, params, root, load_average(before))
-    serve = SERVE_RECORDS.relative_to(BENCH_DIR) / "+".join(extra.get("bundle", {}).get("feature_sets", []))  # one per bundle
-    print(f"record: {write_record(serve.as_posix() if a.command == 'serve' else a.command, rows, table, vars(a), before, extra, a.out)}")
+    name = serve_record(extra["bundle"]["feature_sets"]).relative_to(BENCH_DIR).with_suffix("").as_posix() if a.command == "serve" else a.command
+    print(f"record: {write_record(name, rows, table, vars(a), before, extra, a.out)}")

@@ -14,8 +14,8 @@ import yaml
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_PIXELS', 'BENCH_DIR', 'SERVE_RECORDS', 'project_root', 'load_params', 'get_logger', 'seed_everything',
-           'dask_client', 'Progress', 'run_stage']
+__all__ = ['DEFAULT_MAX_PIXELS', 'BENCH_DIR', 'SERVE_RECORDS', 'serve_record', 'project_root', 'load_params', 'get_logger',
+           'seed_everything', 'dask_client', 'Progress', 'run_stage']
 
 # %% ../nbs/00_core.ipynb #75b5dcaa
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,700 x 5,200 photo; the service and the CLI read CATDOG_MAX_PIXELS
@@ -24,7 +24,11 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", os.environ.get("CATDOG_MAX_P
 
 # %% ../nbs/00_core.ipynb #8c47ecdc
 BENCH_DIR = Path("reports/bench")    # what `make bench-*` writes, under the project root
-SERVE_RECORDS = BENCH_DIR / "serve"  # `make bench-serve`'s record of each bundle: <its sets joined by +>.json
+SERVE_RECORDS = BENCH_DIR / "serve"  # `make bench-serve`'s record of each bundle
+
+def serve_record(sets) -> Path:
+    "The `make bench-serve` record of the bundle of feature sets `sets`, under the project root: named as its candidate."
+    return SERVE_RECORDS / f"{'+'.join(sets)}.json"
 
 # %% ../nbs/00_core.ipynb #2eca69d1
 def project_root(start: Path | str | None = None) -> Path:
@@ -121,7 +125,8 @@ def run_stage(notebook: str, reports: str = "reports", **parameters) -> Path:
     import papermill
     from traitlets.config import Config
     root = project_root()
-    out = root / reports / f"{'-'.join([notebook, *([parameters['feature_set']] if 'feature_set' in parameters else [])])}.ipynb"
+    name = f"{notebook}-{parameters['feature_set']}" if "feature_set" in parameters else notebook
+    out = root / reports / f"{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="catdog-kernel-") as sockets:  # not in the working directory
         config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}})

@@ -29,7 +29,7 @@ from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchRe
                            PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
                            problem, problem_responses, read_form, read_part, with_body)
 from .batcher import MicroBatcher, QueueFull
-from .core import SERVE_RECORDS, get_logger, project_root
+from .core import get_logger, project_root, serve_record
 from .bundle import BundleError, bundle_files, read_bundle_meta
 from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
 from .engine import available_cores
@@ -81,10 +81,10 @@ RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime
 
 def model_base_mib(bundle: Path | str, record: Path | str | None = None) -> tuple[float, str]:
     """Resident MiB of one worker serving the bundle folder `bundle`, warmed up with a full batch in flight, and where the
-    figure comes from: the peak in `record` (default: the bundle's sets' in `SERVE_RECORDS`) if it names this bundle's
+    figure comes from: the peak in `record` (default: its sets' `serve_record`) if it names this bundle's
     version, else the estimate."""
     meta, bundle = read_bundle_meta(bundle), Path(bundle)
-    record = Path(record or project_root() / SERVE_RECORDS / f"{'+'.join(meta['feature_sets'])}.json")
+    record = Path(record or project_root() / serve_record(meta["feature_sets"]))
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no record, or not one of this bundle
         measured = json.loads(record.read_text())
         if measured["bundle"]["version"] == meta["version"] and measured["serve"]["rss_peak_mib"]:
