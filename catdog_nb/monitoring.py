@@ -7,13 +7,14 @@ Docs: https://catdog.github.io/catdog/monitoring.html.md"""
 
 # %% ../nbs/16_monitoring.ipynb #4d4115df
 from __future__ import annotations
-import os, time
+import functools, os, time
 from typing import TYPE_CHECKING
 from fastcore.basics import patch
 if TYPE_CHECKING: from .predict import Prediction
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS', 'KNOWN_METHODS', 'multiprocess_metrics', 'mark_worker_dead', 'ServiceMetrics', 'RequestMetrics']
+__all__ = ['DROP_REASONS', 'LATENCY_BUCKETS', 'KNOWN_METHODS', 'multiprocess_metrics', 'mark_worker_dead', 'dropped_connections',
+           'ServiceMetrics', 'RequestMetrics']
 
 # %% ../nbs/16_monitoring.ipynb #4ff54377
 def multiprocess_metrics() -> bool:
@@ -26,6 +27,19 @@ def mark_worker_dead() -> None:
         from prometheus_client import multiprocess
         multiprocess.mark_process_dead(os.getpid())
 
+# %% ../nbs/16_monitoring.ipynb #d680206b
+DROP_REASONS = ("header_timeout", "connection_limit", "malformed")
+
+@functools.cache
+def dropped_connections():
+    "`catdog_connections_dropped_total{reason}`, one counter per process: connections the server closed or refused before the app answered."
+    from prometheus_client import Counter
+    counter = Counter("catdog_connections_dropped", "Connections the server closed or refused before the app answered, by reason",
+                      ["reason"], registry=None)
+    for reason in DROP_REASONS: counter.labels(reason)  # each series exists from the start, at 0, for rate() to see the first
+    return counter
+
+
 # %% ../nbs/16_monitoring.ipynb #d3703a13
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -34,6 +48,7 @@ class ServiceMetrics:
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = r = CollectorRegistry(auto_describe=True)
+        r.register(dropped_connections())  # the server's, one per process
         self.requests = Counter("catdog_requests", "HTTP requests by route template, method and status",
                                 ["route", "method", "status"], registry=r)
         self.request_duration = Histogram("catdog_request_duration_seconds", "HTTP request latency",
