@@ -8,8 +8,7 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/20_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, contextlib, ctypes, functools, json, os, typing
-from dataclasses import dataclass, field, fields
+import asyncio, contextlib, ctypes, functools, json, typing
 from importlib import resources
 from pathlib import Path
 import anyio
@@ -27,54 +26,21 @@ from litestar.plugins.problem_details import ProblemDetailsException, ProblemDet
 from . import __version__
 from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchResult, ClientGone, Health,
                            PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
-                           problem, problem_responses, read_form, read_part, with_body)
+                           problem, problem_responses, read_form, with_body)
 from .batcher import MicroBatcher, QueueFull
 from .core import get_logger, project_root, serve_record
 from .bundle import BundleError, bundle_files, read_bundle_meta
-from .data import DECODED_MAX_PIXELS, DEFAULT_MAX_PIXELS, ImageError
+from .data import DECODED_MAX_PIXELS, ImageError
 from .engine import available_cores
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .features import ANIMAL_THRESHOLD
-from .predict import Classifier, Prediction, default_model_uri
+from .predict import Classifier, Prediction
+from .server import BodyBudget, BodyLimits, Settings
 
 # %% auto #0
-__all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'Settings', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
-           'ServiceState', 'service_state', 'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts',
-           'predict_batch', 'health', 'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
-
-# %% ../nbs/20_service.ipynb #d65caa16
-@dataclass(frozen=True)
-class Settings:
-    "The service's settings; `Settings.from_env()` reads them from `CATDOG_<FIELD>` variables."
-    model_uri: str = field(default_factory=lambda: str(default_model_uri()))
-    max_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_batch: int = 4
-    max_wait_ms: float = 5.0
-    workers: int = 1
-    log_level: str = "INFO"
-    request_timeout_s: float = 30.0
-    max_queue: int = 32
-    max_files: int = 16
-    decode_threads: int = 1
-    limit_concurrency: int = 32
-
-# %% ../nbs/20_service.ipynb #4276dce2
-@patch(cls_method=True)
-def from_env(cls: Settings, environ: dict | None = None) -> Settings:
-    "Settings from `CATDOG_<FIELD>` variables (e.g. `CATDOG_MAX_BYTES`), defaults for the unset ones."
-    environ = os.environ if environ is None else environ
-    kinds, values = typing.get_type_hints(cls), {}
-    for f in fields(cls):
-        name = f"CATDOG_{f.name.upper()}"
-        if name not in environ: continue
-        raw, kind = environ[name], kinds[f.name]
-        try: value = kind(raw)
-        except ValueError: raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and (value < 0 or value == 0 and f.name != "max_wait_ms"):
-            raise ValueError(f"{name}={raw!r} must be positive")
-        values[f.name] = value
-    return cls(**values)
+__all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState',
+           'service_state', 'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch',
+           'health', 'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
 
 # %% ../nbs/20_service.ipynb #05d6603a
 RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime, + MiB resident per MiB of bundle files
@@ -94,7 +60,7 @@ def model_base_mib(bundle: Path | str, record: Path | str | None = None) -> tupl
 
 def memory_ceiling_mib(settings: Settings, base_mib: float) -> float:
     "Worst-case resident memory of one worker, in MiB: the model (`model_base_mib`), plus all that the limits let requests hold at once."
-    held = (settings.limit_concurrency * settings.max_bytes       # request bodies being read
+    held = (2 * settings.body_budget                               # request bodies, as they arrive and as read
             + settings.decode_threads * 6 * settings.max_pixels   # images being decoded
             + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model
     return base_mib + held / 2**20
@@ -237,8 +203,8 @@ async def model_rows(request: Request, arrival, images: list, deadline: float) -
       responses=problem_responses(400, 408, 413, 415, 422, 503), guards=[model_ready])
 async def predict(request: Request, service: ServiceState) -> PredictResult:
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
+    data = await read_by(deadline, image_bytes(request))
     async with service.batcher.arriving() as arrival:
-        data = await read_by(deadline, image_bytes(request))
         reserve(arrival, 1)
         image = await service.decode(data, deadline)
         ((prediction, seconds),) = await model_rows(request, arrival, [image], deadline)
@@ -248,14 +214,14 @@ async def predict(request: Request, service: ServiceState) -> PredictResult:
 
 # %% ../nbs/20_service.ipynb #86850618
 async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
-    "The file parts `files` of a batch form, in order; 422 for none or for a text part, 413 for more than `max_files`."
+    "The file parts `files` of a batch form, in order; 422 for none, for a text part or for more than `max_files`."
     form = await read_form(request)
     parts = [v for k, v in form.multi_items() if k in ("files", "file")]
     if not parts: raise problem(422, "the multipart form has no field `files`", "missing_file")
     if not all(isinstance(part, UploadFile) for part in parts):
         raise problem(422, "each `files` field must be a file, not text", "not_a_file")
     if len(parts) > max_files:
-        raise problem(413, f"{len(parts)} files, at most {max_files} per request (CATDOG_MAX_FILES)", "too_many_files")
+        raise problem(422, f"{len(parts)} files, at most {max_files} per request (CATDOG_MAX_FILES)", "too_many_files")
     return parts
 
 async def _decode_part(service: ServiceState, part: UploadFile, deadline: float):
@@ -279,8 +245,8 @@ async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
     if media_type_of(request) != "multipart/form-data":
         raise problem(415, "send the images as multipart/form-data, each in a field named `files`", "unsupported_media_type")
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
+    parts = await read_by(deadline, file_parts(request, service.settings.max_files))
     async with service.batcher.arriving() as arrival:
-        parts = await read_by(deadline, file_parts(request, service.settings.max_files))
         reserve(arrival, len(parts))
         decoded = [await _decode_part(service, part, deadline) for part in parts]  # one at a time
         rows = iter(await model_rows(request, arrival, [d for d in decoded if isinstance(d, np.ndarray)], deadline))
@@ -336,7 +302,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None)
     batch = app.openapi_schema.paths["/predict/batch"].post.request_body.content["multipart/form-data"].schema
     batch.properties["files"].max_items = settings.max_files  # the schema states this app's limit
-    app.asgi_handler = RequestMetrics(app.asgi_handler, service.metrics)
+    limits = BodyLimits(app.asgi_handler, BodyBudget(settings.body_budget), settings.body_timeout_s, settings.min_body_rate)
+    app.asgi_handler = RequestMetrics(limits, service.metrics)
     return app
 
 def app_from_env() -> Litestar:
