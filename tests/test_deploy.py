@@ -1,4 +1,4 @@
-"""Deployment files checked offline by the real tools: hadolint, kubernetes-validate, promtool, check-jsonschema.
+"""Deployment files checked offline by the real tools: hadolint, kubernetes-validate, promtool, check-jsonschema, zizmor.
 
 The system tools (promtool) come from Debian: `make tools` installs them; these tests never install anything.
 """
@@ -468,7 +468,25 @@ def test_promql_uses_only_the_service_metrics(source, expr):
 
 # --- GitHub Actions -------------------------------------------------------------------------------------------------
 
-WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+WORKFLOWS = ROOT / ".github" / "workflows"
+WORKFLOW = WORKFLOWS / "ci.yml"
+# `uses: owner/name@<commit SHA> # <release tag>`: the SHA runs, the tag says which release it is.
+PINNED_USES = re.compile(r"^\s*(?:- )?uses: ([\w-]+/[\w-]+)@([0-9a-f]{40}) # (v\d+\.\d+\.\d+)$")
+
+
+def zizmor(*inputs) -> list[dict]:
+    "zizmor's findings in the default persona, of every severity and confidence; offline, so no GitHub API audits."
+    result = run(BIN / "zizmor", "--offline", "--no-exit-codes", "--format", "json", *inputs)
+    assert result.returncode == 0, result.stderr  # with --no-exit-codes, anything else is the tool failing
+    return json.loads(result.stdout)
+
+
+def describe(finding: dict) -> str:
+    where = finding["locations"][0]
+    path = where["symbolic"]["key"]["Local"]["verbatim_path"]
+    line = where["concrete"]["location"]["start_point"]["row"] + 1
+    severity, feature = finding["determinations"]["severity"], where["concrete"]["feature"].splitlines()[0]
+    return f"{path}:{line} {finding['ident']} ({severity}): {finding['desc']}: {feature}"
 
 
 @pytest.mark.slow
@@ -487,3 +505,50 @@ def test_workflow_tests_then_builds_and_smoke_tests_the_image():
     assert "docker build" in image_steps
     assert "http://127.0.0.1:8000/health" in image_steps and "http://127.0.0.1:8000/predict" in image_steps
     assert "--target worker" in image_steps and "DASK_SCHEDULER_ADDRESS=" in image_steps  # the Dask image joins a scheduler
+
+
+def test_workflows_pin_each_action_to_one_release_commit():
+    pins: dict[str, set] = {}
+    for path in sorted(WORKFLOWS.glob("*.yml")):
+        for line in path.read_text().splitlines():
+            if not re.match(r"\s*(- )?uses:", line): continue
+            match = PINNED_USES.match(line)
+            assert match, f"{path.name}: {line.strip()} is not pinned to a commit with its tag beside it"
+            pins.setdefault(match[1], set()).add(match.group(2, 3))
+    assert "actions/checkout" in pins, pins
+    assert all(len(commits) == 1 for commits in pins.values()), pins  # one action, one release in every workflow
+
+
+def test_workflow_jobs_read_the_repository_only_and_keep_no_token_in_the_checkout():
+    workflow = load_yaml(WORKFLOW)
+    assert workflow["permissions"] == {}  # a job gets only what it names
+    for name, job in workflow["jobs"].items():
+        assert job["permissions"] == {"contents": "read"}, name
+        checkouts = [step for step in job["steps"] if step.get("uses", "").startswith("actions/checkout@")]
+        assert checkouts and all(step["with"]["persist-credentials"] is False for step in checkouts), name
+
+
+@pytest.mark.slow
+def test_zizmor_finds_nothing_in_the_workflows():
+    findings = zizmor(WORKFLOWS)
+    assert not findings, "\n".join(describe(finding) for finding in findings)
+
+
+@pytest.mark.slow
+def test_zizmor_reports_an_unpinned_checkout_and_a_template_injection(tmp_path):
+    workflow = tmp_path / "bad.yml"
+    workflow.write_text("""\
+name: bad
+on: pull_request
+permissions: {}
+jobs:
+  greet:
+    runs-on: ubuntu-latest
+    permissions:
+      contents: read
+    steps:
+      - uses: actions/checkout@v4
+      - run: echo "${{ github.event.pull_request.title }}"
+""")
+    rules = {finding["ident"] for finding in zizmor(workflow)}
+    assert {"unpinned-uses", "artipacked", "template-injection"} <= rules, rules
