@@ -186,9 +186,9 @@ def with_body(body: RequestBody) -> type[Operation]:
     return _Operation
 
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    why = {400: "not a decodable image, or a malformed multipart body", 408: "the body did not arrive in time",
-           413: "body, image or number of files over the limits", 415: "unsupported content type",
-           422: "malformed JSON or base64, a missing form field, or a text field instead of a file",
+    why = {400: "not a decodable image, or a malformed multipart body", 408: "the body did not arrive in time, or too slowly",
+           413: "body or image over the limits", 415: "unsupported content type",
+           422: "malformed JSON or base64, a missing form field, a text field instead of a file, or more files than maxItems",
            503: "the model is not loaded yet, or the service is at capacity (see Retry-After)"}
     return {s: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=why[s], generate_examples=False)
             for s in statuses}

@@ -7,13 +7,12 @@ Docs: https://catdog.github.io/catdog/cli.html.md"""
 
 # %% ../nbs/23_cli.ipynb #3be9268e
 from __future__ import annotations
-import argparse, functools, json, os, shutil, tempfile
+import argparse, json, os, shutil, tempfile
 from pathlib import Path
 from collections.abc import Sequence
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # %% auto #0
-__all__ = ['build_parser', 'DeadlineProtocol', 'serve', 'main', 'pipeline_summary']
+__all__ = ['build_parser', 'serve', 'main', 'pipeline_summary']
 
 # %% ../nbs/23_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
@@ -34,45 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
     return parser
 
-# %% ../nbs/23_cli.ipynb #3943f7f9
-@functools.cache
-def _head_deadline_s() -> float:
-    from catdog_nb.service import Settings
-    return Settings.from_env().request_timeout_s  # read once per worker process: workers inherit the environment
-
-_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-class DeadlineProtocol(HttpToolsProtocol):
-    "uvicorn's httptools protocol that refuses connections over the limit and closes those whose request head is late."
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self.refused = self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency
-        if not self.refused: return self._arm_head_deadline()
-        # answer, then stop writing but keep reading (and dropping) a while: closing on unread data would reset
-        # the connection, and the client would see a broken connection instead of the 503
-        self.connections.discard(self)  # not counted: uvicorn's own check must see the accepted connections only
-        transport.write(_BUSY); transport.write_eof()
-        self.loop.call_later(5, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.refused: super().data_received(data)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_head_deadline()
-
-    def _arm_head_deadline(self) -> None:
-        waiting_after = self.cycle  # a new cycle starts once the next request head is complete
-        def expire():
-            if self.cycle is waiting_after and not self.transport.is_closing(): self.transport.close()
-        self.loop.call_later(_head_deadline_s(), expire)
-
 # %% ../nbs/23_cli.ipynb #ffce6782
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None, model: str | None = None,
           log_level: str | None = None, access_log: bool = False) -> None:
     "Run the service under uvicorn until interrupted; unset options keep their `CATDOG_*` variable or default."
     import uvicorn
-    from catdog_nb.service import Settings
+    from catdog_nb.server import GuardedProtocol, Settings, raise_open_files_limit
     if model: os.environ["CATDOG_MODEL_URI"] = model
     if workers is not None: os.environ["CATDOG_WORKERS"] = str(workers)
     if log_level: os.environ["CATDOG_LOG_LEVEL"] = log_level.upper()
@@ -83,11 +49,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None,
         for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"): stale.unlink()
     elif settings.workers > 1:
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="catdog-metrics-")
+    raise_open_files_limit()
     try:
         uvicorn.run("catdog_nb.service:app_from_env", factory=True, host=host, port=port, workers=settings.workers,
                     log_level=settings.log_level.lower(), access_log=access_log, server_header=False,
-                    timeout_graceful_shutdown=10, http=DeadlineProtocol, limit_concurrency=settings.limit_concurrency,
-                    timeout_keep_alive=5)
+                    timeout_graceful_shutdown=10, http=GuardedProtocol, timeout_keep_alive=5)
     finally:
         if metrics_dir: shutil.rmtree(metrics_dir, ignore_errors=True)
 
