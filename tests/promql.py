@@ -20,6 +20,7 @@ SERVICE_METRICS = {
     "catdog_prediction_animal": "histogram",
     "catdog_requests_in_flight": "gauge",
     "catdog_model_info": "gauge",
+    "catdog_connections_dropped_total": "counter",
 }
 # The series names those metrics expose, plus Prometheus's own `up`.
 _SUFFIXES = {"counter": ("", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
