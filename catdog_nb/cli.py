@@ -1,5 +1,5 @@
-"""The `catdog` console script: `catdog predict` (JSON lines per image) and `catdog serve` (the service
-under uvicorn); and the summary that `make pipeline` prints at its end.
+"""The `catdog` console script: `catdog predict` (JSON lines per image), `catdog serve` (the service
+under uvicorn) and `catdog keys` (the service's API keys); and the summary that `make pipeline` prints at its end.
 
 Docs: https://catdog.github.io/catdog/cli.html.md"""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 # %% auto #0
-__all__ = ['build_parser', 'serve', 'main', 'pipeline_summary']
+__all__ = ['build_parser', 'serve', 'main', 'keys_command', 'pipeline_summary']
 
 # %% ../nbs/23_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
     p.add_argument("--model", help=model_help)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    k = commands.add_parser("keys", help="add, revoke or list the service's API keys")
+    keys = k.add_subparsers(dest="keys_command", required=True)
+    add = keys.add_parser("add", help="add a key and print it: the one time it is shown")
+    add.add_argument("--rate", type=float, help="requests per second (default: no limit)")
+    add.add_argument("--role", choices=["predict", "metrics"], default="predict", help="(default: %(default)s)")
+    revoke = keys.add_parser("revoke", help="remove a key")
+    for sub in (add, revoke): sub.add_argument("name", metavar="NAME")
+    for sub in (add, revoke, keys.add_parser("list", help="names, roles and rates (never keys)")):
+        sub.add_argument("--file", help="the keys file (default: $CATDOG_API_KEYS_FILE)")
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -61,11 +70,32 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None,
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `catdog` console script."
     args = build_parser().parse_args(argv)
+    if args.command == "keys": return keys_command(args)
     if args.command == "predict":
         from catdog_nb.predict import default_model_uri, predict_command
         if args.batch_size < 1: raise SystemExit("catdog predict: --batch-size must be at least 1")
         return predict_command(args.paths, args.model or str(default_model_uri()), args.batch_size)
     serve(args.host, args.port, args.workers, args.model, args.log_level, args.access_log)
+    return 0
+
+# %% ../nbs/23_cli.ipynb #7c2e94b1
+def keys_command(args: argparse.Namespace) -> int:
+    "`catdog keys add|revoke|list` on `--file`, else on `$CATDOG_API_KEYS_FILE`."
+    import sys
+    from catdog_nb.access import add_key, list_keys, revoke_key
+    path, command = args.file or os.environ.get("CATDOG_API_KEYS_FILE"), f"catdog keys {args.keys_command}"
+    if not path: raise SystemExit(f"{command}: no keys file: pass --file or set CATDOG_API_KEYS_FILE")
+    try:
+        if args.keys_command == "add":
+            key = add_key(path, args.name, args.rate, args.role)
+            print(f"{command}: key {args.name!r} ({args.role}) added to {path}; it is shown once, here", file=sys.stderr)
+            print(key)
+        elif args.keys_command == "revoke":
+            if not revoke_key(path, args.name): raise SystemExit(f"{command}: no key named {args.name!r} in {path}")
+            print(f"{command}: key {args.name!r} revoked", file=sys.stderr)
+        else:
+            for entry in list_keys(path): print(json.dumps(entry))
+    except ValueError as e: raise SystemExit(f"{command}: {e}") from None  # a bad name or rate, or a broken keys file
     return 0
 
 # %% ../nbs/23_cli.ipynb #e6feab71
