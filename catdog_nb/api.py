@@ -32,10 +32,10 @@ PROBLEM_JSON = "application/problem+json"
 
 @dataclass
 class Problem:
-    "An RFC 9457 problem document."
+    "An RFC 9457 problem document (a 401 has no `detail`: it says nothing of the key it refuses)."
     status: int
     title: str
-    detail: str
+    detail: str | None = None
     reason: str | None = None
 
 def problem(status: int, detail: str, reason: str | None = None, headers: dict | None = None) -> ProblemDetailsException:
@@ -189,6 +189,8 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     why = {400: "not a decodable image, or a malformed multipart body", 408: "the body did not arrive in time, or too slowly",
            413: "body or image over the limits", 415: "unsupported content type",
            422: "malformed JSON or base64, a missing form field, a text field instead of a file, or more files than maxItems",
-           503: "the model is not loaded yet, or the service is at capacity (see Retry-After)"}
+           503: "the model is not loaded yet, or the service is at capacity (see Retry-After)",
+           401: "API keys are on, and the request has no key of this route's role (Authorization: Bearer)",
+           429: "over the rate of its API key (see Retry-After)"}
     return {s: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=why[s], generate_examples=False)
             for s in statuses}

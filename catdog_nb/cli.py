@@ -47,11 +47,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None,
           log_level: str | None = None, access_log: bool = False) -> None:
     "Run the service under uvicorn until interrupted; unset options keep their `CATDOG_*` variable or default."
     import uvicorn
+    from catdog_nb.access import KeyRing
     from catdog_nb.server import GuardedProtocol, Settings, raise_open_files_limit
     if model: os.environ["CATDOG_MODEL_URI"] = model
     if workers is not None: os.environ["CATDOG_WORKERS"] = str(workers)
     if log_level: os.environ["CATDOG_LOG_LEVEL"] = log_level.upper()
-    try: settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+        if settings.api_keys_file: KeyRing(settings.api_keys_file)  # a keys file that cannot be read stops it here
     except ValueError as e: raise SystemExit(f"catdog serve: {e}") from None
     metrics_dir = None
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # a container restart keeps an emptyDir: no dead process's counts

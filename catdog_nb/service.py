@@ -21,12 +21,14 @@ from litestar.di import Provide
 from litestar.enums import MediaType
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import SecurityScheme
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.plugins.problem_details import ProblemDetailsException, ProblemDetailsPlugin
 from . import __version__
 from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchResult, ClientGone, Health,
                            PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
                            problem, problem_responses, read_form, with_body)
+from .access import KeyRing, RateLimiter, authorize
 from .batcher import MicroBatcher, QueueFull
 from .core import get_logger, project_root, serve_record
 from .bundle import BundleError, bundle_files, read_bundle_meta
@@ -38,9 +40,10 @@ from .predict import Classifier, Prediction
 from .server import BodyBudget, BodyLimits, Settings
 
 # %% auto #0
-__all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory', 'ServiceState',
-           'service_state', 'model_ready', 'read_by', 'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch',
-           'health', 'ready', 'metrics', 'page_html', 'page', 'create_app', 'app_from_env']
+__all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'KEYED_ROUTES', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
+           'ServiceState', 'service_state', 'model_ready', 'key_of', 'read_by', 'reserve', 'model_rows', 'predict',
+           'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html', 'page', 'declare_keys',
+           'create_app', 'app_from_env']
 
 # %% ../nbs/20_service.ipynb #05d6603a
 RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime, + MiB resident per MiB of bundle files
@@ -84,6 +87,8 @@ class ServiceState:
         self.ready, self.error = False, None  # `error`: why loading failed, for the log only
         self.decode_limiter: anyio.CapacityLimiter | None = None  # made by `load`, inside the event loop
         self._loader: asyncio.Task | None = None
+        self.keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None  # None: no key asked for
+        self.limiter = RateLimiter(self.keys) if self.keys else None
 
 def service_state(state: State) -> ServiceState:
     "The dependency `service` of the handlers: the app's one `ServiceState`."
@@ -102,6 +107,13 @@ def check_ready(self: ServiceState) -> None:
 def model_ready(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     "Guard of the routes that need the model: 503 until it is loaded, when its thread stopped or it lags the deadline."
     service_state(connection.app.state).check_ready()
+
+def key_of(role: str):
+    "Guard: with API keys on, a key of `role` within its rate (401, 429), checked before anything else is read."
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        service = service_state(connection.app.state)
+        if service.keys: authorize(service.keys, service.limiter, connection.headers.get("authorization"), role)
+    return guard
 
 # %% ../nbs/20_service.ipynb #caaf1c74
 _log = get_logger("catdog.service")
@@ -200,7 +212,7 @@ async def model_rows(request: Request, arrival, images: list, deadline: float) -
 
 # %% ../nbs/20_service.ipynb #15b4ce79
 @post("/predict", operation_class=with_body(IMAGE_BODY), status_code=200, summary="Classify one image",
-      responses=problem_responses(400, 408, 413, 415, 422, 503), guards=[model_ready])
+      responses=problem_responses(400, 401, 408, 413, 415, 422, 429, 503), guards=[key_of("predict"), model_ready])
 async def predict(request: Request, service: ServiceState) -> PredictResult:
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
     data = await read_by(deadline, image_bytes(request))
@@ -240,7 +252,7 @@ def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> Batch
 
 # %% ../nbs/20_service.ipynb #e8c4612d
 @post("/predict/batch", operation_class=with_body(BATCH_BODY), status_code=200, summary="Classify several images",
-      responses=problem_responses(400, 408, 413, 415, 422, 503), guards=[model_ready])
+      responses=problem_responses(400, 401, 408, 413, 415, 422, 429, 503), guards=[key_of("predict"), model_ready])
 async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
     if media_type_of(request) != "multipart/form-data":
         raise problem(415, "send the images as multipart/form-data, each in a field named `files`", "unsupported_media_type")
@@ -266,7 +278,8 @@ async def health(service: ServiceState) -> Health:
 async def ready(service: ServiceState) -> Readiness:
     return Readiness("ready", service.classifier.version)
 
-@get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics")
+@get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics", responses=problem_responses(401, 429),
+     guards=[key_of("metrics")])
 async def metrics(service: ServiceState) -> Response[bytes]:
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
@@ -281,6 +294,16 @@ def page_html() -> str:
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def page() -> str:
     return page_html()
+
+# %% ../nbs/20_service.ipynb #78dda6dd
+KEYED_ROUTES = {"/predict": "post", "/predict/batch": "post", "/metrics": "get"}
+
+def declare_keys(app: Litestar) -> None:
+    "State in `app`'s OpenAPI schema that its keyed routes take a bearer API key."
+    schema = app.openapi_schema
+    schema.components.security_schemes = {"apiKey": SecurityScheme(
+        type="http", scheme="bearer", description="An API key from `catdog keys add NAME` (role `metrics` for /metrics)")}
+    for path, method in KEYED_ROUTES.items(): getattr(schema.paths[path], method).security = [{"apiKey": []}]
 
 # %% ../nbs/20_service.ipynb #c0128a7b
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -302,6 +325,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None)
     batch = app.openapi_schema.paths["/predict/batch"].post.request_body.content["multipart/form-data"].schema
     batch.properties["files"].max_items = settings.max_files  # the schema states this app's limit
+    if service.keys: declare_keys(app)
     limits = BodyLimits(app.asgi_handler, BodyBudget(settings.body_budget), settings.body_timeout_s, settings.min_body_rate)
     app.asgi_handler = RequestMetrics(limits, service.metrics)
     return app
