@@ -30,6 +30,12 @@ def training_photos() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def photo(training_photos) -> bytes:
+    "The bytes of one training photo (a cat)."
+    return training_photos[0].read_bytes()
+
+
+@pytest.fixture(scope="session")
 def unseen_photos() -> list[Path]:
     "Photos that `model_bundle` was not trained on (10 per class)."
     return sample_photos(10, skip=PHOTOS_PER_CLASS)

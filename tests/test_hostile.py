@@ -188,11 +188,6 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def photo(training_photos) -> bytes:
-    return training_photos[0].read_bytes()
-
-
 def assert_alive(server) -> None:
     assert server["process"].poll() is None, f"catdog serve died:\n{log_tail(server['log'])}"
     assert httpx.get(f"{server['url']}/health", timeout=30).status_code == 200

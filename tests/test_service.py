@@ -57,11 +57,6 @@ def assert_problem(r: httpx.Response, status: int, reason: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def photo(training_photos) -> bytes:
-    return training_photos[0].read_bytes()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server["url"], timeout=60) as c:
         yield c
