@@ -2,6 +2,7 @@
 
 The system tools (promtool) come from Debian: `make tools` installs them; these tests never install anything.
 """
+import copy
 import json
 import re
 import shutil
@@ -552,3 +553,37 @@ jobs:
 """)
     rules = {finding["ident"] for finding in zizmor(workflow)}
     assert {"unpinned-uses", "artipacked", "template-injection"} <= rules, rules
+
+
+# --- API keys (k8s/api-keys, a kustomize component) ----------------------------------------------------------------
+
+def with_patch(deployment: dict, patch: dict) -> dict:
+    "`deployment` with a strategic-merge `patch` of its pod spec applied as kustomize does (containers by name, lists appended)."
+    merged, spec = copy.deepcopy(deployment), patch["spec"]["template"]["spec"]
+    pod = merged["spec"]["template"]["spec"]
+    for extra in spec.get("containers", []):
+        (container,) = [c for c in pod["containers"] if c["name"] == extra["name"]]
+        for field, items in extra.items():
+            if field != "name": container.setdefault(field, []).extend(items)
+    pod.setdefault("volumes", []).extend(spec.get("volumes", []))
+    return merged
+
+
+@pytest.mark.slow
+def test_the_api_keys_component_mounts_the_secret_where_the_service_reads_it(tmp_path):
+    component = load_yaml(K8S / "api-keys" / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    (secret,) = component["secretGenerator"]
+    patch = load_yaml(K8S / "api-keys" / component["patches"][0]["path"])
+    deployment = with_patch(load_yaml(K8S / "deployment.yaml"), patch)
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    keys_file = {e["name"]: e.get("value") for e in c["env"]}["CATDOG_API_KEYS_FILE"]
+    (mount,) = [m for m in c["volumeMounts"] if keys_file.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == secret["name"] and mount["readOnly"]
+    assert keys_file == f"{mount['mountPath']}/{secret['files'][0]}"
+    assert secret["options"]["disableNameSuffixHash"]  # one name: an updated Secret reaches the running pods
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(deployment))
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, tmp_path / "deployment.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "k8s/api-keys/keys.jsonl" in (ROOT / ".gitignore").read_text()
