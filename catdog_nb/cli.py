@@ -65,7 +65,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None,
     try:
         uvicorn.run("catdog_nb.service:app_from_env", factory=True, host=host, port=port, workers=settings.workers,
                     log_level=settings.log_level.lower(), access_log=access_log, server_header=False,
-                    timeout_graceful_shutdown=10, http=GuardedProtocol, timeout_keep_alive=5)
+                    timeout_graceful_shutdown=10, http=GuardedProtocol, ws="none", timeout_keep_alive=5)
     finally:
         if metrics_dir: shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -28,7 +28,7 @@ def mark_worker_dead() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 # %% ../nbs/16_monitoring.ipynb #d680206b
-DROP_REASONS = ("header_timeout", "connection_limit", "malformed")
+DROP_REASONS = ("header_timeout", "head_too_large", "connection_limit", "malformed")
 
 @functools.cache
 def dropped_connections():

@@ -19,8 +19,8 @@ from .monitoring import dropped_connections
 from .predict import default_model_uri
 
 # %% auto #0
-__all__ = ['FILES_RESERVE', 'Settings', 'BodyBudget', 'BodyLimits', 'raise_open_files_limit', 'connection_cap', 'server_settings',
-           'GuardedProtocol']
+__all__ = ['FILES_RESERVE', 'MAX_HEAD_BYTES', 'Settings', 'BodyBudget', 'BodyLimits', 'raise_open_files_limit', 'connection_cap',
+           'server_settings', 'GuardedProtocol']
 
 # %% ../nbs/19_server.ipynb #f9fb11c4
 @dataclass(frozen=True)
@@ -122,54 +122,60 @@ def server_settings() -> Settings:
 
 # %% ../nbs/19_server.ipynb #579273f9
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_HEAD_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+MAX_HEAD_BYTES = 64 * 1024  # a request line and its headers; the service's clients need a few hundred bytes
 
 class GuardedProtocol(HttpToolsProtocol):
-    "uvicorn's httptools protocol: a deadline for each request head, connections capped by `connection_cap()`, drops counted."
+    "uvicorn's httptools protocol: request heads within a deadline and a size, connections capped by `connection_cap()`."
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.head_timer, self.refused = None, len(self.connections) > connection_cap()
+        self.head_timer, self.head_bytes, self.refused = None, 0, len(self.connections) > connection_cap()
         if not self.refused: return self._arm_head_timer()
-        dropped_connections().labels("connection_limit").inc()
         self.connections.discard(self)  # not one of the accepted connections
         # answer, then keep reading (and dropping) a moment: closing on unread data would reset the connection
         # before the client could read the 503
-        transport.write(_BUSY); transport.write_eof()
-        self.loop.call_later(1, transport.close)
+        self._drop("connection_limit", _BUSY, then_close_after_s=1)
 
     def data_received(self, data: bytes) -> None:
         if self.refused: return
         if self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_head_timer()  # the first byte of the next head on a kept-alive connection
         super().data_received(data)
+        if self.head_timer is None or self.transport.is_closing(): return  # no head pending
+        self.head_bytes += len(data)  # still no complete head: it must stay small
+        if self.head_bytes > MAX_HEAD_BYTES: self._drop("head_too_large", _HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self.head_timer is None: self._arm_head_timer()  # a pipelined head, behind a request in progress
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        self._cancel_head_timer(); self.head_bytes = 0
         super().on_headers_complete()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def send_400_response(self, msg: str) -> None:
+    def send_400_response(self, msg: str) -> None:  # what uvicorn answers when the parser fails
         dropped_connections().labels("malformed").inc()
         super().send_400_response(msg)
 
 # %% ../nbs/19_server.ipynb #efcf946a
 @patch
 def _arm_head_timer(self: GuardedProtocol) -> None:
-    self.head_timer = self.loop.call_later(server_settings().header_timeout_s, self._head_late)
+    self.head_timer = self.loop.call_later(server_settings().header_timeout_s, self._drop, "header_timeout")
 
 @patch
 def _cancel_head_timer(self: GuardedProtocol) -> None:
     if self.head_timer is not None: self.head_timer.cancel(); self.head_timer = None
 
 @patch
-def _head_late(self: GuardedProtocol) -> None:
-    self.head_timer = None
+def _drop(self: GuardedProtocol, reason: str, answer: bytes = b"", then_close_after_s: float = 0) -> None:
+    "Count the connection under `reason` in `catdog_connections_dropped_total`, send `answer` and close it."
+    self._cancel_head_timer()
     if self.transport.is_closing(): return
-    dropped_connections().labels("header_timeout").inc()
-    self.transport.close()
+    dropped_connections().labels(reason).inc()
+    if answer: self.transport.write(answer)
+    if then_close_after_s: self.transport.write_eof(); self.loop.call_later(then_close_after_s, self.transport.close)
+    else: self.transport.close()

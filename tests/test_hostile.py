@@ -349,6 +349,25 @@ def test_a_client_that_stalls_in_its_body_gets_408(strict_server, photo):
     assert_alive(strict_server)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("head", [b"GET /" + b"a" * (8 << 20), b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * (8 << 20),
+                                  b"GET / HTTP/1.1\r\n" + b"X-Pad: a\r\n" * (1 << 20)], ids=["url", "header", "many headers"])
+def test_a_request_head_over_the_limit_gets_431_at_once(server, head):
+    "A head sent fast but never finished is cut off at MAX_HEAD_BYTES, not at the head deadline: memory and event-loop time stay bounded."
+    from catdog_nb.server import MAX_HEAD_BYTES
+    before = metric_value(server["url"], "catdog_connections_dropped_total", reason="head_too_large")
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server["port"])) as s:
+        try:
+            for i in range(0, len(head), 1 << 16): s.sendall(head[i:i + (1 << 16)])
+        except OSError: pass  # the server answered and closed
+        answer = answer_or_close(s, 10)
+    assert answer.startswith(b"HTTP/1.1 431 ") or answer == b"", answer[:200]  # b"": the reset came before the answer
+    assert time.monotonic() - start < 3
+    assert metric_value(server["url"], "catdog_connections_dropped_total", reason="head_too_large") == before + 1
+    assert_alive(server)
+
+
 def pod_memory_limit_mib() -> float:
     "The memory limit of the service's container in k8s/deployment.yaml, in MiB."
     import yaml
