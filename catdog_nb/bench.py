@@ -23,7 +23,7 @@ from .predict import Classifier, default_model_uri
 
 # %% auto #0
 __all__ = ['PROFILE_STEPS', 'SERVE_FIGURES', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path',
-           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process_throughput', 'drive_service',
+           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process', 'drive_service',
            'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
 
 # %% ../nbs/21_bench.ipynb #09a3a932
@@ -182,14 +182,17 @@ def print_dask(results: list[dict], load_before: str) -> None:
         print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
 # %% ../nbs/21_bench.ipynb #d78a6f81
-def in_process_throughput(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2) -> float:
-    "Images per second of `Classifier.predict_bytes` on `blobs` in batches of `batch_size` (after a warm-up batch)."
+def in_process(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2, singles: int = 50) -> dict:
+    "In-process `predict_bytes` after a warm-up: images/s in batches of `batch_size`, and p50 ms of one image at a time."
     classifier = Classifier.load(model_uri, batch_size=batch_size)
     classifier.predict_bytes(blobs[:batch_size])
+    one = []
+    for blob in blobs[:singles]:
+        start = time.perf_counter(); classifier.predict_bytes([blob]); one.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(rounds):
         for i in range(0, len(blobs), batch_size): classifier.predict_bytes(blobs[i:i + batch_size])
-    return rounds * len(blobs) / (time.perf_counter() - start)
+    return {"in_process_ips": rounds * len(blobs) / (time.perf_counter() - start), "in_process_p50_ms": float(np.median(one) * 1000)}
 
 async def _post_raw(reader, writer, host: str, path: str, body: bytes, content_type: str) -> int:
     "One HTTP/1.1 keep-alive POST; returns the status (the body is read and dropped)."
@@ -249,10 +252,6 @@ def _memory_mib(pid: int) -> dict[str, float]:
     except OSError: return {}
     return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
 
-def _disk_mib(folder: Path) -> float:
-    "Size on disk of everything under `folder`, in MiB."
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
-
 # %% ../nbs/21_bench.ipynb #592bb986
 def serve_once(model_uri: str | Path, photos: list[Path], concurrency: int = 8, n_requests: int = 800,
                idle_requests: int = 50) -> dict:
@@ -289,24 +288,28 @@ def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_req
     asked = str(model_uri or default_model_uri())
     model_uri = resolve_bundle(asked)  # a models:/ URI fetched once, here, not by each step
     meta, photos = read_bundle_meta(model_uri), sample_photos(per_class)
-    in_process = in_process_throughput(model_uri, [p.read_bytes() for p in photos], batch_size)
-    figures = serve_once(model_uri, photos, concurrency, n_requests, idle_requests)
-    return figures | {"in_process_ips": in_process, "ratio": figures["service_rps"] / in_process, "photos": len(photos),
+    local = in_process(model_uri, [p.read_bytes() for p in photos], batch_size)
+    figures = serve_once(model_uri, photos, concurrency, n_requests, idle_requests) | local
+    return figures | {"ratio": figures["service_rps"] / local["in_process_ips"],
+                      "idle_over_ms": figures["idle_p50_ms"] - local["in_process_p50_ms"], "photos": len(photos),
                       "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size,
                       "bundle": {"uri": asked, "name": meta["name"], "version": meta["version"], "feature_sets": meta["feature_sets"]}}
 
 # %% ../nbs/21_bench.ipynb #1869f4dd
 _SERVE_ROWS = {  # figure -> (key, format)
     "in-process `Classifier.predict_bytes` (images/s)": ("in_process_ips", "{:.1f}"),
+    "in-process, one image at a time, p50 (ms)": ("in_process_p50_ms", "{:.1f}"),
     "service at concurrency {concurrency}, {requests} requests (requests/s)": ("service_rps", "{:.1f}"),
     "ratio service / in-process": ("ratio", "{:.3f}"),
     "latency at concurrency {concurrency}: p50 / p95 / p99 (ms)": (("p50_ms", "p95_ms", "p99_ms"), "{:.0f}"),
     "idle service, p50 / p95 of sequential requests (ms)": (("idle_p50_ms", "idle_p95_ms"), "{:.1f}"),
+    "idle service p50 over the in-process one-image p50 (ms)": ("idle_over_ms", "{:.1f}"),
     "server resident memory: after warm-up / peak (MiB)": (("rss_warm_mib", "rss_peak_mib"), "{:.0f}"),
     "serving venv on disk (MiB)": ("serve_venv_mib", "{:.0f}"),
     "statuses": ("statuses", "{}"),
 }
-SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "idle_p50_ms", "idle_p95_ms", "rss_peak_mib", "serve_venv_mib")
+SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "in_process_p50_ms", "idle_p50_ms", "idle_p95_ms",
+                 "rss_peak_mib", "serve_venv_mib")
 
 def print_serve(r: dict, load_before: str) -> None:
     "The figures of `bench_serve` as a Markdown table."
@@ -340,7 +343,7 @@ def _sample_command(a, params: dict, root: Path, load_before: str) -> tuple:
 def _serve_command(a, params: dict, root: Path, load_before: str) -> tuple:
     r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
     venv = root / ".venv-serve"  # what `make bench-serve` builds: the serving set as the image installs it
-    r["serve_venv_mib"] = _disk_mib(venv) if venv.is_dir() else None
+    r["serve_venv_mib"] = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20 or None
     serve = {k: r[k] for k in SERVE_FIGURES}  # what the memory ceiling of catdog_nb.service and the README read
     return [r], echoed(print_serve, r, load_before), {"bundle": r["bundle"], "serve": serve}
 
