@@ -133,7 +133,7 @@ serve: $(VENV)/.pipeline
 dask-cluster: $(VENV)/.pipeline
 	$(BIN)/python -c "from catdog_nb.extract import dask_cluster_main; dask_cluster_main()" $(DASK_ARGS)
 
-# Benchmarks (catdog_nb.bench, catdog_nb.soak); run them on a quiet machine. Each prints a Markdown table with the load
+# Benchmarks (catdog_nb.bench, catdog_nb.bench_serve, catdog_nb.soak); run them on a quiet machine. Each prints a Markdown table with the load
 # average and writes it to reports/bench/<name>.md, and reports/bench/<name>.json: CPU, cores, load, date, commit, arguments
 # and figures (catdog_nb.bench.write_record). BENCH_ARGS="--out DIR" writes them elsewhere.
 # Feature extraction: images/s incl. JPEG decode, per set, 1 process vs all cores, and the parallel efficiency.
@@ -157,10 +157,10 @@ $(SERVE_VENV)/.serve: requirements/serve.txt pyproject.toml $(wildcard catdog_nb
 	$(UV) pip install --python $(SERVE_VENV)/bin/python -q --compile-bytecode --no-deps --reinstall-package catdog_nb .
 	touch $@
 
-# The service: throughput at concurrency 8 vs in-process Classifier throughput on the same photos, idle latency,
-# memory. One bundle (default params.yaml train.bundle_dir): make bench-serve BENCH_ARGS="--model models:/catdog/5"
+# The service against the model in-process, measured in turns on the same photos (catdog_nb.bench_serve): throughput
+# at concurrency 8, one request at a time against one image at a time, memory. One bundle (default params.yaml train.bundle_dir): make bench-serve BENCH_ARGS="--model models:/catdog/5"
 bench-serve: $(VENV)/.pipeline data/raw $(SERVE_VENV)/.serve
-	$(BIN)/python -c "from catdog_nb.bench import bench_main; bench_main()" serve $(BENCH_ARGS)
+	$(BIN)/python -c "from catdog_nb.bench_serve import bench_serve_main; bench_serve_main()" $(BENCH_ARGS)
 
 # A fresh clone of the committed HEAD (commit first): make pipeline, install included, then again; dvc status and git
 # status after it (catdog_nb.bench_pipeline). Writes reports/bench/pipeline.{md,json}. Options: BENCH_ARGS="--keep"

@@ -1,5 +1,5 @@
-"""The drivers of `make bench-features`, `make bench-dask` and `make bench-serve` and of the backbone and per-image
-profiles: each prints a Markdown table with the load average and writes it, with a record of the run, under
+"""The drivers of `make bench-features` and `make bench-dask` and of the backbone and per-image profiles, and what
+every benchmark shares: each prints a Markdown table with the load average and writes it, with a record of the run, under
 `reports/bench/`. Figures come from these runs on a quiet machine, never from timed tests.
 
 Docs: https://catdog.github.io/catdog/bench.html.md"""
@@ -8,13 +8,13 @@ Docs: https://catdog.github.io/catdog/bench.html.md"""
 
 # %% ../nbs/21_bench.ipynb #8037e893
 from __future__ import annotations
-import argparse, asyncio, contextlib, datetime, hashlib, io, json, os, platform, socket, subprocess, sys, tempfile, time
+import argparse, contextlib, datetime, hashlib, io, json, os, platform, subprocess, time
 from pathlib import Path
-from .core import BENCH_DIR, load_params, project_root, serve_record  # before cv2: core sets its pixel cap
+from .core import BENCH_DIR, load_params, project_root  # before cv2: core sets its pixel cap
 import cv2
 import numpy as np
-from .backbone import backbone_files, calibration_photos, convert_backbone, input_size, is_backbone_set
-from .bundle import LinearHead, predict_proba, read_bundle_meta, resolve_bundle
+from .backbone import backbone_files, calibration_photos, input_size, is_backbone_set
+from .bundle import LinearHead, predict_proba
 from .data import sample_photos
 from .engine import available_cores, center_square, load_engine, normalise_into
 from .extract import DaskExtractionPool, ExtractionPool, default_workers, local_dask_cluster
@@ -22,9 +22,8 @@ from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
-__all__ = ['PROFILE_STEPS', 'SERVE_FIGURES', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path',
-           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'in_process', 'drive_service',
-           'bench_client', 'serve_once', 'bench_serve', 'print_serve', 'print_backbones', 'print_profile', 'bench_main']
+__all__ = ['PROFILE_STEPS', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path', 'bench_features',
+           'print_features', 'bench_dask', 'print_dask', 'print_backbones', 'print_profile', 'bench_main']
 
 # %% ../nbs/21_bench.ipynb #09a3a932
 def load_average(loads: tuple | None = None) -> str:
@@ -181,58 +180,6 @@ def print_dask(results: list[dict], load_before: str) -> None:
     for r in results:
         print(f"| {r['path']} | {r['img_s_1']:.1f} | {r['img_s_all']:.1f} | {r['parallel_efficiency']:.2f} | {r['img_s_all'] / r0['img_s_all']:.2f} |")
 
-# %% ../nbs/21_bench.ipynb #d78a6f81
-def in_process(model_uri: str | Path, blobs: list[bytes], batch_size: int = 32, rounds: int = 2, singles: int = 50) -> dict:
-    "In-process `predict_bytes` after a warm-up: images/s in batches of `batch_size`, and p50 ms of one image at a time."
-    classifier = Classifier.load(model_uri, batch_size=batch_size)
-    classifier.predict_bytes(blobs[:batch_size])
-    one = []
-    for blob in blobs[:singles]:
-        start = time.perf_counter(); classifier.predict_bytes([blob]); one.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        for i in range(0, len(blobs), batch_size): classifier.predict_bytes(blobs[i:i + batch_size])
-    return {"in_process_ips": rounds * len(blobs) / (time.perf_counter() - start), "in_process_p50_ms": float(np.median(one) * 1000)}
-
-async def _post_raw(reader, writer, host: str, path: str, body: bytes, content_type: str) -> int:
-    "One HTTP/1.1 keep-alive POST; returns the status (the body is read and dropped)."
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
-    await reader.readexactly(length)
-    return status
-
-# %% ../nbs/21_bench.ipynb #5e7157bd
-async def drive_service(host: str, port: int, blobs: list[bytes], concurrency: int = 8, n_requests: int = 800,
-                        idle_requests: int = 50) -> dict:
-    "Latencies (s) of `idle_requests` sequential requests, then of `n_requests` at `concurrency`, and the wall time."
-    async def run(n: int, clients: int) -> tuple[list, dict, float]:
-        latencies, statuses, counter = [], {}, iter(range(n))
-        async def client():
-            reader, writer = await asyncio.open_connection(host, port)
-            for i in counter:
-                start = time.perf_counter()
-                status = await _post_raw(reader, writer, host, "/predict", blobs[i % len(blobs)], "image/jpeg")
-                latencies.append(time.perf_counter() - start); statuses[status] = statuses.get(status, 0) + 1
-            writer.close()
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        return latencies, statuses, time.perf_counter() - start
-    idle, idle_statuses, _ = await run(idle_requests, 1)
-    if set(idle_statuses) - {200}: raise RuntimeError(f"the idle service answered {idle_statuses}")
-    latencies, statuses, wall_s = await run(n_requests, concurrency)
-    return {"idle": idle, "latencies": latencies, "wall_s": wall_s, "statuses": statuses}
-
-def bench_client() -> None:
-    "The load generator's process: JSON arguments on stdin, JSON results on stdout."
-    args = json.load(sys.stdin)
-    blobs = [Path(p).read_bytes() for p in args.pop("photos")]
-    json.dump(asyncio.run(drive_service(blobs=blobs, **args)), sys.stdout)
-
 # %% ../nbs/21_bench.ipynb #c437c5ad
 def _wait_ready(url: str, process, timeout: float = 180.0) -> None:
     import urllib.error, urllib.request
@@ -251,74 +198,6 @@ def _memory_mib(pid: int) -> dict[str, float]:
     try: fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     except OSError: return {}
     return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
-
-# %% ../nbs/21_bench.ipynb #592bb986
-def serve_once(model_uri: str | Path, photos: list[Path], concurrency: int = 8, n_requests: int = 800,
-               idle_requests: int = 50) -> dict:
-    "`catdog serve` of `model_uri` on a free loopback port, driven by `bench_client` in a second process."
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    script = Path(sys.executable).parent / "catdog"
-    command = [str(script)] if script.exists() else [sys.executable, "-c", "from catdog_nb.cli import main; main()"]
-    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri)}
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}", server)
-            warm = _memory_mib(server.pid)  # the model loaded and warmed up, no request yet
-            request = {"host": "127.0.0.1", "port": port, "photos": [str(p) for p in photos],
-                       "concurrency": concurrency, "n_requests": n_requests, "idle_requests": idle_requests}
-            client = subprocess.run([sys.executable, "-c", "from catdog_nb.bench import bench_client; bench_client()"],
-                                    input=json.dumps(request), capture_output=True, text=True, check=True)
-            run = json.loads(client.stdout)
-            loaded = _memory_mib(server.pid)
-        except Exception:
-            log.seek(0); sys.stderr.write(log.read().decode(errors="replace")[-3000:]); raise
-        finally:
-            server.terminate(); server.wait(30)
-    ms = lambda xs, q: float(np.percentile(xs, q) * 1000)
-    return {"service_rps": n_requests / run["wall_s"], "statuses": run["statuses"],
-            "p50_ms": ms(run["latencies"], 50), "p95_ms": ms(run["latencies"], 95), "p99_ms": ms(run["latencies"], 99),
-            "idle_p50_ms": ms(run["idle"], 50), "idle_p95_ms": ms(run["idle"], 95), "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak")}
-
-# %% ../nbs/21_bench.ipynb #db7f19ce
-def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_requests: int = 800,
-                idle_requests: int = 50, per_class: int = 100, batch_size: int = 32) -> dict:
-    "In-process throughput and `serve_once` of the bundle at `model_uri` (default: the served one), which `bundle` names."
-    asked = str(model_uri or default_model_uri())
-    model_uri = resolve_bundle(asked)  # a models:/ URI fetched once, here, not by each step
-    meta, photos = read_bundle_meta(model_uri), sample_photos(per_class)
-    local = in_process(model_uri, [p.read_bytes() for p in photos], batch_size)
-    figures = serve_once(model_uri, photos, concurrency, n_requests, idle_requests) | local
-    return figures | {"ratio": figures["service_rps"] / local["in_process_ips"],
-                      "idle_over_ms": figures["idle_p50_ms"] - local["in_process_p50_ms"], "photos": len(photos),
-                      "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size,
-                      "bundle": {"uri": asked, "name": meta["name"], "version": meta["version"], "feature_sets": meta["feature_sets"]}}
-
-# %% ../nbs/21_bench.ipynb #1869f4dd
-_SERVE_ROWS = {  # figure -> (key, format)
-    "in-process `Classifier.predict_bytes` (images/s)": ("in_process_ips", "{:.1f}"),
-    "in-process, one image at a time, p50 (ms)": ("in_process_p50_ms", "{:.1f}"),
-    "service at concurrency {concurrency}, {requests} requests (requests/s)": ("service_rps", "{:.1f}"),
-    "ratio service / in-process": ("ratio", "{:.3f}"),
-    "latency at concurrency {concurrency}: p50 / p95 / p99 (ms)": (("p50_ms", "p95_ms", "p99_ms"), "{:.0f}"),
-    "idle service, p50 / p95 of sequential requests (ms)": (("idle_p50_ms", "idle_p95_ms"), "{:.1f}"),
-    "idle service p50 over the in-process one-image p50 (ms)": ("idle_over_ms", "{:.1f}"),
-    "server resident memory: after warm-up / peak (MiB)": (("rss_warm_mib", "rss_peak_mib"), "{:.0f}"),
-    "serving venv on disk (MiB)": ("serve_venv_mib", "{:.0f}"),
-    "statuses": ("statuses", "{}"),
-}
-SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "in_process_p50_ms", "idle_p50_ms", "idle_p95_ms",
-                 "rss_peak_mib", "serve_venv_mib")
-
-def print_serve(r: dict, load_before: str) -> None:
-    "The figures of `bench_serve` as a Markdown table."
-    print(f"service benchmark of {r['bundle']['name']} version {r['bundle']['version']} ({'+'.join(r['bundle']['feature_sets'])}), "
-          f"{r['photos']} photos; before: {load_before}; after: {load_average()}")
-    print("| figure | value |\n| --- | ---: |")
-    for label, (keys, fmt) in _SERVE_ROWS.items():
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        print(f"| {label.format(**r)} | " + " / ".join("-" if r.get(k) is None else fmt.format(r[k]) for k in keys) + " |")
 
 # %% ../nbs/21_bench.ipynb #5b92374f
 def print_backbones(results: list[dict], load_before: str, batch_size: int) -> None:
@@ -339,13 +218,6 @@ def _sample_command(a, params: dict, root: Path, load_before: str) -> tuple:
     bench, show = {"features": (bench_features, print_features), "dask": (bench_dask, print_dask)}[a.command]
     rows = bench(a.n, a.sets, a.workers, a.batch_size, params, root)
     return rows, echoed(show, rows, load_before), {}
-
-def _serve_command(a, params: dict, root: Path, load_before: str) -> tuple:
-    r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size)
-    venv = root / ".venv-serve"  # what `make bench-serve` builds: the serving set as the image installs it
-    r["serve_venv_mib"] = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20 or None
-    serve = {k: r[k] for k in SERVE_FIGURES}  # what the memory ceiling of catdog_nb.service and the README read
-    return [r], echoed(print_serve, r, load_before), {"bundle": r["bundle"], "serve": serve}
 
 def _profile_command(a, params: dict, root: Path, load_before: str) -> tuple:
     classifier = Classifier.load(a.model or default_model_uri(), batch_size=a.batch_size)
@@ -375,11 +247,6 @@ def _bench_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=None, help="default: params.yaml features.batch_size")
     sub.add_parser("features", parents=[sample], help="feature extraction incl. JPEG decode, 1 process and all cores")
     sub.add_parser("dask", parents=[sample], help="feature extraction in local processes and on a local Dask cluster")
-    s = sub.add_parser("serve", parents=[common], help="in-process and service throughput, latency and memory of a bundle")
-    s.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: params.yaml train.bundle_dir)")
-    s.add_argument("--concurrency", type=int, default=8); s.add_argument("--requests", type=int, default=800)
-    s.add_argument("--idle-requests", type=int, default=50); s.add_argument("--per-class", type=int, default=100)
-    s.add_argument("--batch-size", type=int, default=32, help="in-process batches")
     e = sub.add_parser("backbones", parents=[common], help="the backbones alone, random input")
     e.add_argument("--sets", default=None, help="comma-separated backbone sets (default: params.yaml train.feature_sets)")
     e.add_argument("--threads", default="1,2"); e.add_argument("--batch-size", type=int, default=16); e.add_argument("--rounds", type=int, default=6)
@@ -389,11 +256,10 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 def bench_main(argv: list[str] | None = None) -> None:
-    "`features | dask | serve | backbones | profile` and their options: prints the table, writes it and its record."
+    "`features | dask | backbones | profile` and their options: prints the table, writes it and its record."
     a = _bench_parser().parse_args(argv)
     params, root, before = load_params(), project_root(), os.getloadavg()
-    command = {"features": _sample_command, "dask": _sample_command, "serve": _serve_command,
-               "backbones": _backbones_command, "profile": _profile_command}[a.command]
+    command = {"features": _sample_command, "dask": _sample_command, "backbones": _backbones_command,
+               "profile": _profile_command}[a.command]
     rows, table, extra = command(a, params, root, load_average(before))
-    name = serve_record(extra["bundle"]["feature_sets"]).relative_to(BENCH_DIR).with_suffix("").as_posix() if a.command == "serve" else a.command
-    print(f"record: {write_record(name, rows, table, vars(a), before, extra, a.out)}")
+    print(f"record: {write_record(a.command, rows, table, vars(a), before, extra, a.out)}")
