@@ -126,8 +126,6 @@ def _engine_threads(workers: int) -> int:
 async def load(self: ServiceState) -> None:
     "Load the model off the event loop, start its micro-batcher and warm it up; a failure is kept in `error`."
     try:
-        import cv2
-        cv2.setNumThreads(1)  # the decoders' resizes: the cores are the engine's
         s = self.settings
         classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
             s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=_engine_threads(s.workers)))
