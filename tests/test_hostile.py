@@ -4,13 +4,15 @@
 - the decoder raises an `ImageError` subclass for anything it refuses (never `cv2.error` or another type), decodes
   the valid photos (however much metadata they carry) into a small uint8 BGR array, within a known memory ceiling;
 - the service answers 4xx to what a client sends (200 for a valid photo, 503 under overload), never 5xx, stays alive,
-  fails a bad file of a batch alone, counts a client that hangs up as 499, cuts slow clients off at the request
-  deadline, and its problem details carry no exception text and no paths;
+  fails a bad file of a batch alone, counts a client that hangs up as 499, cuts off a request head that is late or too
+  large and a body that is too slow, serves good requests beside 1,000 stalled connections, counts every connection it
+  drops, and its problem details carry no exception text and no paths;
 - `catdog predict` writes an error line for each unusable path (FIFO, device, hostile file) and goes on;
 - a damaged bundle is refused with `BundleError`: `catdog predict` exits 2, the service stays up and not ready.
 """
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 
 from catdog_nb.data import ImageError, ImageTooLargeError, decode_image
 from hostile import INTERESTING, MUTATIONS, ROWS, base_images, hostile_bytes, large_jpeg, misleading_jpeg, mutated, zeros_png
-from servers import free_port, log_tail, running
+from servers import free_port, log_tail, running, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -366,6 +368,70 @@ def test_a_request_head_over_the_limit_gets_431_at_once(server, head):
     assert time.monotonic() - start < 3
     assert metric_value(server["url"], "catdog_connections_dropped_total", reason="head_too_large") == before + 1
     assert_alive(server)
+
+
+@pytest.mark.slow
+def test_a_kept_alive_connection_whose_next_head_never_ends_is_cut_off(server, photo):
+    "After a good answer on a kept-alive connection, a next head sent a byte at a time meets the head deadline too."
+    before = metric_value(server["url"], "catdog_connections_dropped_total", reason="header_timeout")
+    with socket.create_connection(("127.0.0.1", server["port"])) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                  + f"Content-Length: {len(photo)}\r\n\r\n".encode() + photo)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        start, closed = time.monotonic(), False
+        for byte in b"\r\nGET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 20:
+            try: s.sendall(bytes([byte]))
+            except OSError: closed = True; break
+            s.settimeout(0.5)
+            try:
+                if s.recv(4096) == b"": closed = True; break
+            except TimeoutError: pass
+    assert closed and time.monotonic() - start < 10, time.monotonic() - start
+    assert metric_value(server["url"], "catdog_connections_dropped_total", reason="header_timeout") == before + 1
+    assert_alive(server)
+
+
+@pytest.fixture(scope="module")
+def few_files_server(model_bundle, tmp_path_factory):
+    "`catdog serve` under a hard limit of 400 open files: its connection cap is 400 - FILES_RESERVE."
+    tmp, port = tmp_path_factory.mktemp("few-files"), free_port()
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_bundle)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+    with open(tmp / "server.log", "wb") as out:
+        proc = subprocess.Popen([BIN / "catdog", "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit, start_new_session=True)
+    server = {"url": f"http://127.0.0.1:{port}", "port": port, "process": proc, "log": tmp / "server.log"}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(tmp / "server.log")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{server['url']}/ready", timeout=2).status_code == 200: break
+            time.sleep(0.25)
+        yield server
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_connections_over_the_cap_get_503_at_once_and_are_counted(few_files_server):
+    from catdog_nb.server import FILES_RESERVE
+    url, cap = few_files_server["url"], 400 - FILES_RESERVE
+    before = metric_value(url, "catdog_connections_dropped_total", reason="connection_limit")
+    held, answers = [], []
+    try:
+        for _ in range(cap + 20):
+            s = socket.create_connection(("127.0.0.1", few_files_server["port"]))
+            held.append(s)
+        for s in held[-20:]:
+            s.settimeout(5)
+            answers.append(s.recv(4096).split(b"\r\n")[0])
+    finally:
+        for s in held: s.close()
+    assert answers == [b"HTTP/1.1 503 Service Unavailable"] * 20, answers
+    assert metric_value(url, "catdog_connections_dropped_total", reason="connection_limit") - before >= 20
+    assert_alive(few_files_server)
 
 
 def pod_memory_limit_mib() -> float:
