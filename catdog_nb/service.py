@@ -37,7 +37,7 @@ from .engine import available_cores
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, Prediction
-from .server import BodyBudget, BodyLimits, Settings
+from .server import CONNECTION_BYTES, MAX_HEAD_BYTES, BodyBudget, BodyLimits, Settings
 
 # %% auto #0
 __all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'KEYED_ROUTES', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
@@ -63,9 +63,10 @@ def model_base_mib(bundle: Path | str, record: Path | str | None = None) -> tupl
 
 def memory_ceiling_mib(settings: Settings, base_mib: float) -> float:
     "Worst-case resident memory of one worker, in MiB: the model (`model_base_mib`), plus all that the limits let requests hold at once."
-    held = (2 * settings.body_budget                               # request bodies, as they arrive and as read
-            + settings.decode_threads * 6 * settings.max_pixels   # images being decoded
-            + settings.max_queue * 3 * DECODED_MAX_PIXELS)        # decoded images waiting for the model
+    held = (settings.max_connections * (CONNECTION_BYTES + MAX_HEAD_BYTES)  # connections, their heads not yet in
+            + 2 * settings.body_budget                                      # request bodies, as they arrive and as read
+            + settings.decode_threads * 6 * settings.max_pixels             # images being decoded
+            + settings.max_queue * 3 * DECODED_MAX_PIXELS)                  # decoded images waiting for the model
     return base_mib + held / 2**20
 
 # %% ../nbs/20_service.ipynb #3dc913cd
