@@ -121,12 +121,13 @@ def server_settings() -> Settings:
     "The settings, read once per worker process (the workers inherit the environment)."
     return Settings.from_env()
 
-# %% ../nbs/19_server.ipynb #579273f9
+# %% ../nbs/19_server.ipynb #8214a726
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _HEAD_TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 MAX_HEAD_BYTES = 16 * 1024  # a request line and its headers (Node's limit); the service's clients need a few hundred bytes
 CONNECTION_BYTES = 8 * 1024  # what a connection costs the server before its head is in: 7.3 KiB measured, 4,000 at once
 
+# %% ../nbs/19_server.ipynb #579273f9
 class GuardedProtocol(HttpToolsProtocol):
     "uvicorn's httptools protocol: request heads within a deadline and a size, connections capped by `connection_cap()`."
     def connection_made(self, transport) -> None:
