@@ -132,7 +132,8 @@ class GuardedProtocol(HttpToolsProtocol):
     "uvicorn's httptools protocol: request heads within a deadline and a size, connections capped by `connection_cap()`."
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.head_timer, self.head_bytes, self.refused = None, 0, len(self.connections) > connection_cap()
+        self.head_timer, self.in_head, self.head_bytes = None, False, 0
+        self.refused = len(self.connections) > connection_cap()
         if not self.refused: return self._arm_head_timer()
         self.connections.discard(self)  # not one of the accepted connections
         # answer, then keep reading (and dropping) a moment: closing on unread data would reset the connection
@@ -142,18 +143,19 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused: return
         if self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm_head_timer()  # the first byte of the next head on a kept-alive connection
+            self._arm_head_timer()  # bytes after an answer: the next head, or the rest of a body answered early
         super().data_received(data)
-        if self.head_timer is None or self.transport.is_closing(): return  # no head pending
-        self.head_bytes += len(data)  # still no complete head: it must stay small
+        if not self.in_head or self.transport.is_closing(): return
+        self.head_bytes += len(data)  # a head still incomplete: it must stay small
         if self.head_bytes > MAX_HEAD_BYTES: self._drop("head_too_large", _HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.in_head, self.head_bytes = True, 0
         if self.head_timer is None: self._arm_head_timer()  # a pipelined head, behind a request in progress
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer(); self.head_bytes = 0
+        self.in_head = False; self._cancel_head_timer()
         super().on_headers_complete()
 
     def connection_lost(self, exc) -> None:

@@ -391,6 +391,22 @@ def test_a_kept_alive_connection_whose_next_head_never_ends_is_cut_off(server, p
     assert_alive(server)
 
 
+@pytest.mark.slow
+def test_a_body_answered_early_is_no_request_head(server):
+    "The rest of a body the app answered without reading (404 here) is not taken for an oversized head: one answer only."
+    before = metric_value(server["url"], "catdog_connections_dropped_total", reason="head_too_large")
+    body = b"x" * (200 << 10)
+    with socket.create_connection(("127.0.0.1", server["port"])) as s:
+        s.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        with contextlib.suppress(OSError):
+            for i in range(0, len(body), 4096): s.sendall(body[i:i + 4096])
+        answer = answer_or_close(s, 10)
+    assert answer.startswith(b"HTTP/1.1 404 ") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+    assert metric_value(server["url"], "catdog_connections_dropped_total", reason="head_too_large") == before
+    assert_alive(server)
+
+
 @pytest.fixture(scope="module")
 def few_files_server(model_bundle, tmp_path_factory):
     "`catdog serve` under a hard limit of 400 open files: its connection cap is 400 - FILES_RESERVE."
