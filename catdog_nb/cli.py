@@ -1,5 +1,6 @@
 """The `catdog` console script: `catdog predict` (JSON lines per image), `catdog serve` (the service
-under uvicorn) and `catdog keys` (the service's API keys); and the summary that `make pipeline` prints at its end.
+under uvicorn), `catdog keys` (the service's API keys) and `catdog feedback export` (labelled photos from the
+prediction log); and the summary that `make pipeline` prints at its end.
 
 Docs: https://catdog.github.io/catdog/cli.html.md"""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 # %% auto #0
-__all__ = ['build_parser', 'serve', 'main', 'keys_command', 'pipeline_summary']
+__all__ = ['build_parser', 'serve', 'main', 'keys_command', 'feedback_command', 'pipeline_summary']
 
 # %% ../nbs/26_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (add, revoke): sub.add_argument("name", metavar="NAME")
     for sub in (add, revoke, keys.add_parser("list", help="names, roles and rates (never keys)")):
         sub.add_argument("--file", help="the keys file (default: $CATDOG_API_KEYS_FILE)")
+    f = commands.add_parser("feedback", help="the feedback on logged predictions")
+    export = f.add_subparsers(dest="feedback_command", required=True).add_parser(
+        "export", help="copy the labelled, logged photos to OUT/<label>/ with OUT/manifest.csv; print the counts")
+    export.add_argument("log_dir", metavar="LOG_DIR", help="the prediction log's folder (the service's CATDOG_PREDICTION_LOG)")
+    export.add_argument("out", metavar="OUT", help="the folder to write, e.g. data/feedback")
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -74,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `catdog` console script."
     args = build_parser().parse_args(argv)
     if args.command == "keys": return keys_command(args)
+    if args.command == "feedback": return feedback_command(args)
     if args.command == "predict":
         from catdog_nb.predict import default_model_uri, predict_command
         if args.batch_size < 1: raise SystemExit("catdog predict: --batch-size must be at least 1")
@@ -99,6 +106,15 @@ def keys_command(args: argparse.Namespace) -> int:
         else:
             for entry in list_keys(path): print(json.dumps(entry))
     except ValueError as e: raise SystemExit(f"{command}: {e}") from None  # a bad name or rate, or a broken keys file
+    return 0
+
+# %% ../nbs/26_cli.ipynb #83c4a39a
+def feedback_command(args: argparse.Namespace) -> int:
+    "`catdog feedback export LOG_DIR OUT`: one JSON line of counts on stdout."
+    from catdog_nb.predlog import export_feedback
+    try: counts = export_feedback(args.log_dir, args.out)
+    except (FileNotFoundError, NotADirectoryError) as e: raise SystemExit(f"catdog feedback export: {e}") from None
+    print(json.dumps(counts))
     return 0
 
 # %% ../nbs/26_cli.ipynb #e6feab71

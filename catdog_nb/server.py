@@ -43,8 +43,23 @@ class Settings:
     min_body_rate: int = 8 * 1024
     max_connections: int = 10_000
     api_keys_file: str = ""
+    prediction_log: str = ""
+    prediction_log_max_mb: int = 256
+    prediction_log_sample: float = 1.0
+    log_images: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.prediction_log_sample <= 1:
+            raise ValueError(f"CATDOG_PREDICTION_LOG_SAMPLE={self.prediction_log_sample} must be in (0, 1]")
 
 # %% ../nbs/19_server.ipynb #fc0c2e44
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+def _bool(raw: str) -> bool:
+    "An environment variable's truth: 1/true/yes/on or 0/false/no/off, in any case."
+    if (word := raw.strip().lower()) not in _BOOLS: raise ValueError(raw)
+    return _BOOLS[word]
+
 @patch(cls_method=True)
 def from_env(cls: Settings, environ: dict | None = None) -> Settings:
     "Settings from `CATDOG_<FIELD>` variables (e.g. `CATDOG_MAX_BYTES`), defaults for the unset ones."
@@ -54,7 +69,7 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
         name = f"CATDOG_{f.name.upper()}"
         if name not in environ: continue
         raw, kind = environ[name], kinds[f.name]
-        try: value = kind(raw)
+        try: value = _bool(raw) if kind is bool else kind(raw)
         except ValueError: raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
         if kind in (int, float) and (value < 0 or value == 0 and f.name != "max_wait_ms"):
             raise ValueError(f"{name}={raw!r} must be positive")
