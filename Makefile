@@ -12,7 +12,7 @@ UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
 .PHONY: pipeline compare test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs \
-	bench-features bench-serve bench-soak bench-pipeline dask-cluster bench-dask
+	bench-features bench-serve bench-soak bench-pipeline dask-cluster bench-dask monitoring
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
 # install, and with PYTHONDONTWRITEBYTECODE=1 (set in many CI and container shells) Python never writes it either:
@@ -48,13 +48,15 @@ compare: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro compare
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
-# tests/test_monitoring.py), chromium (the page test) and postgresql (make tracking-server, tests/test_tracking_server.py;
-# its programs land in /usr/lib/postgresql/<version>/bin). apt-get runs only when one is missing.
+# tests/test_monitoring.py, make monitoring), chromium (the page test), postgresql (make tracking-server,
+# tests/test_tracking_server.py; its programs land in /usr/lib/postgresql/<version>/bin) and docker-compose (checks
+# compose.yaml offline: `docker-compose config` needs no Docker daemon). apt-get runs only when one is missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 tools:
 	@missing=""; \
 	[ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/docker-compose ] || missing="$$missing docker-compose"; \
 	compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing from Debian:$$missing"; \
@@ -126,6 +128,27 @@ SERVE_PORT ?= 8000
 SERVE_WORKERS ?= 1
 serve: $(VENV)/.pipeline
 	$(BIN)/catdog serve --host $(SERVE_HOST) --port $(SERVE_PORT) --workers $(SERVE_WORKERS)
+
+# The service and its monitoring on this machine, without Docker (compose.yaml adds Grafana, with Docker): `catdog serve`
+# on 127.0.0.1:$(SERVE_PORT) and Debian's Prometheus (make tools) on 127.0.0.1:$(PROMETHEUS_PORT) with prometheus-local.yml
+# and its alert rules (the scrape target moved to SERVE_PORT, the data in a temporary folder), until Ctrl-C (or a
+# SIGTERM to make) stops both. If either stops by itself, the other is stopped too and the target fails.
+# Debian's Prometheus has the classic web UI only: its alerts page is /classic/alerts (/alerts is a 404 there).
+PROMETHEUS_PORT ?= 9090
+monitoring: $(VENV)/.pipeline tools
+	@tmp=$$(mktemp -d -t catdog-monitoring.XXXXXX); serve=; prom=; stopping=; \
+	trap 'stopping=1' INT TERM; \
+	sed -e 's|127.0.0.1:8000|127.0.0.1:$(SERVE_PORT)|' -e 's|^  - deployment/|  - $(CURDIR)/deployment/|' \
+	  prometheus-local.yml > "$$tmp/prometheus.yml"; \
+	$(BIN)/catdog serve --host 127.0.0.1 --port $(SERVE_PORT) & serve=$$!; \
+	prometheus --config.file="$$tmp/prometheus.yml" --storage.tsdb.path="$$tmp/data" \
+	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT) --log.level=warn & prom=$$!; \
+	echo "catdog      http://127.0.0.1:$(SERVE_PORT)  (/ready, /metrics)"; \
+	echo "Prometheus  http://127.0.0.1:$(PROMETHEUS_PORT)  alerts: http://127.0.0.1:$(PROMETHEUS_PORT)/classic/alerts"; \
+	echo "Ctrl-C stops both."; \
+	wait -n $$serve $$prom; \
+	[ -n "$$stopping" ] || echo "monitoring: a process stopped by itself; stopping the other" >&2; \
+	kill $$serve $$prom 2>/dev/null; wait $$serve $$prom; rm -rf "$$tmp"; [ -n "$$stopping" ]
 
 # A Dask cluster on this machine (catdog_nb.extract.dask_cluster_main): `dask scheduler` and one `dask worker` per
 # core, one thread each, on 127.0.0.1 (8786, dashboard 8787), until Ctrl-C; it prints how to run the pipeline on it.

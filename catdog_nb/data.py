@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv, hashlib, os, stat, struct, zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from .core import DEFAULT_MAX_PIXELS, Progress, get_logger, load_params, project_root  # before cv2: its pixel cap
 import cv2
@@ -18,10 +18,11 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_JPEG_SCANS', 'DECODE_TARGET_SIDE', 'DECODED_MAX_PIXELS', 'IMAGE_SUFFIXES', 'SPLITS',
-           'MANIFEST_COLUMNS', 'ImageError', 'EmptyImageError', 'UnsupportedImageError', 'CorruptImageError',
-           'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image', 'max_file_bytes',
-           'read_image_file', 'read_image', 'is_url', 'read_image_bytes', 'ImageRecord', 'scan_dataset',
-           'sample_photos', 'assign_splits', 'duplicate_report', 'write_manifest', 'read_manifest']
+           'MANIFEST_COLUMNS', 'FEEDBACK_MANIFEST', 'ImageError', 'EmptyImageError', 'UnsupportedImageError',
+           'CorruptImageError', 'ImageTooLargeError', 'ImageHeader', 'read_header', 'jpeg_scale', 'decode_image',
+           'max_file_bytes', 'read_image_file', 'read_image', 'is_url', 'read_image_bytes', 'ImageRecord',
+           'scan_dataset', 'sample_photos', 'assign_splits', 'duplicate_report', 'write_manifest', 'read_manifest',
+           'scan_feedback', 'add_feedback', 'make_split']
 
 # %% ../nbs/01_data.ipynb #0b7a1323
 class ImageError(ValueError):
@@ -331,3 +332,48 @@ def read_manifest(path: Path | str | None = None) -> list[dict]:
     "Rows of the split manifest (default: `params.yaml` `data.manifest`) as dicts."
     path = Path(path) if path else project_root() / load_params()["data"]["manifest"]
     with open(path, newline="") as f: return list(csv.DictReader(f))
+
+# %% ../nbs/01_data.ipynb #8deea8f6
+FEEDBACK_MANIFEST = "manifest.csv"  # what `catdog feedback export` writes beside its <label>/ folders
+
+def scan_feedback(folder: Path | str, root: Path | str | None = None, threads: int = 4) -> list[ImageRecord]:
+    """The photos of a feedback export: every image under `folder/<label>/`, checked and hashed as `scan_dataset` does;
+    one that `folder/manifest.csv` does not list (`file`, relative to `folder`) with that `true_label` is rejected."""
+    folder = Path(folder)
+    with open(folder / FEEDBACK_MANIFEST, newline="") as f:
+        rows = csv.DictReader(f)
+        if not {"file", "true_label"} <= set(rows.fieldnames or ()):
+            raise ValueError(f"{folder / FEEDBACK_MANIFEST}: no `file` and `true_label` columns: not a feedback export")
+        listed = {r["file"]: r["true_label"] for r in rows}
+    unlisted = "unlisted: not in the export's manifest with the label of its folder"
+    return [r if r.error or listed.get(f"{r.label}/{Path(r.path).name}") == r.label else replace(r, error=unlisted)
+            for r in scan_dataset(folder, root, threads)]
+
+def add_feedback(records: list[ImageRecord], split_of: dict[str, str],
+                 feedback: list[ImageRecord]) -> tuple[list[ImageRecord], dict[str, str]]:
+    """`records` and their splits (`assign_splits`) with the usable `feedback` photos added to train, never to val or
+    test; a copy of a photo of `records` (same md5), an unknown label or two labels for one photo: rejected."""
+    known, labels = {r.md5 for r in records if not r.error}, {r.label for r in records if not r.error}
+    labels_of = defaultdict(set)
+    for r in feedback: labels_of[r.md5].add(r.label)
+    def checked(r: ImageRecord) -> ImageRecord:
+        if r.error: return r
+        if r.md5 in known: return replace(r, error="in_dataset: a copy of a dataset photo, which keeps its split")
+        if r.label not in labels: return replace(r, error=f"unknown_label: {r.label!r} is not one of {sorted(labels)}")
+        if len(labels_of[r.md5]) > 1: return replace(r, error=f"conflicting_labels: {sorted(labels_of[r.md5])}")
+        return r
+    added = [checked(r) for r in feedback]
+    return records + added, split_of | {r.md5: "train" for r in added if not r.error}
+
+
+# %% ../nbs/01_data.ipynb #10727251
+def make_split(raw_dir: Path | str, manifest: Path | str, val_fraction: float, test_fraction: float, seed: int,
+               feedback: Path | str = "", root: Path | str | None = None, progress: bool = False) -> list[ImageRecord]:
+    """Stage `split`: the photos of `raw_dir` split into train/val/test, the feedback export `feedback` (if any) added
+    to train, written to the manifest `manifest`; returns every record, the rejected ones with their reason."""
+    records = scan_dataset(raw_dir, root, progress=progress)
+    split_of = assign_splits(records, val_fraction, test_fraction, seed)
+    if feedback: records, split_of = add_feedback(records, split_of, scan_feedback(feedback, root))
+    write_manifest(records, split_of, manifest)
+    return records
+

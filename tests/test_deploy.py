@@ -1,6 +1,7 @@
-"""Deployment files checked offline by the real tools: hadolint, kubernetes-validate, promtool, check-jsonschema, zizmor.
+"""Deployment files checked offline by the real tools: hadolint, kubernetes-validate, promtool, docker-compose,
+check-jsonschema, zizmor.
 
-The system tools (promtool) come from Debian: `make tools` installs them; these tests never install anything.
+The system tools (promtool, docker-compose) come from Debian: `make tools` installs them; these tests never install anything.
 """
 import copy
 import json
@@ -31,7 +32,7 @@ def run(*cmd, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def system_tool(name: str) -> str:
     path = shutil.which(name)
-    if path is None: pytest.fail(f"{name} is missing: run `make tools` (installs Debian's prometheus and chromium)")
+    if path is None: pytest.fail(f"{name} is missing: run `make tools` (installs Debian's prometheus, docker-compose...)")
     return path
 
 
@@ -465,6 +466,117 @@ def test_promql_uses_only_the_service_metrics(source, expr):
     names = metric_names(expr)
     assert names, f"{source} selects no metric"
     assert names <= SERIES_NAMES, f"{source} uses unknown metrics {names - SERIES_NAMES}"
+
+
+# --- compose.yaml ---------------------------------------------------------------------------------------------------
+
+COMPOSE = ROOT / "compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    "compose.yaml as `docker-compose config` (Debian's, `make tools`) resolves and validates it: no Docker daemon needed."
+    result = run(system_tool("docker-compose"), "-f", COMPOSE, "config")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def published(port) -> tuple[str, int, int]:
+    "(host address, host port, container port) of a port in the short syntax (docker-compose 1) or the long one (2)."
+    if isinstance(port, dict): return port.get("host_ip", ""), int(port["published"]), int(port["target"])
+    *host, host_port, container_port = str(port).split("/")[0].split(":")  # 127.0.0.1:8000:8000/tcp
+    return (host[0] if host else ""), int(host_port), int(container_port)
+
+
+def binds(service: dict) -> dict[str, tuple[Path, bool]]:
+    "Container path -> (host path, read-only) of a service's bind mounts, in the short or the long syntax."
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, dict): out[v["target"]] = (Path(v["source"]), bool(v.get("read_only")))
+        else: source, target, *mode = v.split(":"); out[target] = (Path(source), mode == ["ro"])
+    return out
+
+
+def as_mounted(service: dict, root: Path) -> Path:
+    "The service's bind mounts copied under `root` where the container sees them (/etc/x -> root/etc/x)."
+    for target, (source, _) in binds(service).items():
+        dest = root / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, dest)
+    return root
+
+
+@pytest.mark.slow
+def test_compose_runs_the_service_as_the_ci_smoke_test_does(compose):
+    assert set(compose) == {"catdog", "prometheus", "grafana"}
+    catdog = compose["catdog"]
+    assert Path(catdog["build"]["context"]) == ROOT and catdog["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
+    assert catdog["build"]["target"] == stages()[-1].name == "runtime"
+    assert catdog["read_only"] is True and catdog["tmpfs"] == ["/tmp"]
+    assert [published(p) for p in catdog["ports"]] == [("127.0.0.1", 8000, 8000)]  # the port of the image's CMD
+
+
+@pytest.mark.slow
+def test_compose_publishes_every_port_on_loopback_and_mounts_files_of_the_repository_read_only(compose):
+    assert [published(p)[0] for s in compose.values() for p in s["ports"]] == ["127.0.0.1"] * 3
+    mounts = [m for s in compose.values() for m in binds(s).values()]
+    assert len(mounts) == 4
+    for source, read_only in mounts:
+        assert source.exists() and source.is_relative_to(ROOT) and read_only, source
+
+
+@pytest.mark.slow
+def test_compose_images_are_the_official_ones_pinned_by_version_and_digest(compose):
+    digest = r"@sha256:[0-9a-f]{64}"
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+" + digest, compose["prometheus"]["image"])
+    grafana = re.fullmatch(r"grafana/grafana:(\d+)\.(\d+)\.(\d+)" + digest, compose["grafana"]["image"])
+    assert grafana
+    (required,) = [r["version"] for r in dashboard()["__requires"] if r["id"] == "grafana"]
+    assert tuple(map(int, grafana.groups())) >= tuple(map(int, required.split(".")))
+
+
+@pytest.mark.slow
+def test_compose_prometheus_config_scrapes_the_service_with_the_alert_rules(compose, tmp_path):
+    "promtool checks the config where the container reads it (the image's default --config.file), rules included."
+    prometheus = compose["prometheus"]
+    assert "command" not in prometheus and "entrypoint" not in prometheus  # the image's: /etc/prometheus/prometheus.yml
+    config_file = as_mounted(prometheus, tmp_path) / "etc" / "prometheus" / "prometheus.yml"
+    result = run(system_tool("promtool"), "check", "config", config_file)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+    config = load_yaml(config_file)
+    assert [(config_file.parent / f).read_text() for f in config["rule_files"]] == [ALERTS.read_text()]
+    (job,) = config["scrape_configs"]
+    (catdog_port,) = [published(p)[2] for p in compose["catdog"]["ports"]]
+    assert job["job_name"] == "catdog" and job["static_configs"] == [{"targets": [f"catdog:{catdog_port}"]}]
+
+
+@pytest.mark.slow
+def test_compose_grafana_provisions_the_prometheus_data_source_and_the_dashboard(compose, tmp_path):
+    """The data source is the compose Prometheus and the default one, which the dashboard's DS_PROMETHEUS variable (type
+    datasource) takes: provisioned, `${DS_PROMETHEUS}` resolves without the import prompt `__inputs` asks for."""
+    grafana = compose["grafana"]
+    etc = as_mounted(grafana, tmp_path) / "etc" / "grafana"
+    (sources,) = [load_yaml(f)["datasources"] for f in (etc / "provisioning" / "datasources").glob("*.yml")]
+    (source,) = sources
+    (prometheus_port,) = [published(p)[2] for p in compose["prometheus"]["ports"]]
+    assert (source["type"], source["url"], source["isDefault"]) == ("prometheus", f"http://prometheus:{prometheus_port}", True)
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "DS_PROMETHEUS"]
+    assert (variable["type"], variable["query"]) == ("datasource", source["type"])
+    (providers,) = [load_yaml(f)["providers"] for f in (etc / "provisioning" / "dashboards").glob("*.yml")]
+    (provider,) = providers
+    folder = tmp_path / provider["options"]["path"].lstrip("/")
+    assert provider["type"] == "file" and [json.loads(f.read_text()) for f in folder.glob("*.json")] == [dashboard()]
+    home = tmp_path / grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].lstrip("/")
+    assert home.parent == folder and home.is_file()
+
+
+@pytest.mark.slow
+def test_docker_compose_rejects_a_mistyped_option(tmp_path):
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(COMPOSE.read_text().replace("read_only: true", "read_olny: true"))
+    result = run(system_tool("docker-compose"), "-f", bad, "config")
+    assert result.returncode != 0 and "read_olny" in result.stdout + result.stderr
 
 
 # --- GitHub Actions -------------------------------------------------------------------------------------------------

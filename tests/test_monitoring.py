@@ -1,11 +1,15 @@
 """The monitoring files against a live system: Debian's Prometheus on loopback scrapes a real `catdog serve`, configured
 as k8s/ deploys it, while real photos are sent to it; then every PromQL expression of the Grafana dashboard and of the
 alert rules goes through Prometheus's HTTP API (/api/v1/query): each must parse, and the dashboard's must return data.
+`make monitoring`, the same two on this machine for a person, is run as make runs it and stopped as Ctrl-C stops it.
 
 Prometheus comes from `make tools`; the model bundle from the `model_bundle` fixture (tests/conftest.py).
 """
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from catdog_nb.data import sample_photos
 from promql import ALERTS, SERVICE_METRICS, alert_rules, as_promql, dashboard_targets
-from servers import free_port, running, stop
+from servers import free_port, log_tail, running, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,6 +109,51 @@ def traffic(service, prometheus):
                  f"Prometheus to see {predicted} predictions")
     time.sleep(3 * SCRAPE_INTERVAL_S)  # a few more scrapes, so every rate window holds the last round
     return answers
+
+
+def test_make_monitoring_serves_and_scrapes_until_interrupted(model_bundle, tmp_path):
+    """`make monitoring` (its recipe, as make runs it, with this venv; `make tools` has run) on free ports: the service
+    answers /ready, Prometheus scrapes it and shows the alert rules on the alerts page the target prints; then Ctrl-C
+    (SIGINT to the process group, as a terminal sends it) stops every process it started and removes its temp folder."""
+    serve_port, prometheus_port, venv = free_port(), free_port(), BIN.parent
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_bundle), "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = tmp_path / "monitoring.log"
+    with open(log, "wb") as out:
+        # -o: the venv and the system tools are taken as they are, never installed here
+        make = subprocess.Popen(["make", "--no-print-directory", "monitoring", f"VENV={venv}",
+                                 "-o", f"{venv}/.pipeline", "-o", "tools",
+                                 f"SERVE_PORT={serve_port}", f"PROMETHEUS_PORT={prometheus_port}"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    prometheus = f"http://127.0.0.1:{prometheus_port}"
+    try:
+        def answer(url: str) -> httpx.Response | None:
+            if make.poll() is not None: pytest.fail(f"make monitoring exited with {make.returncode}:\n{log_tail(log)}")
+            try: response = httpx.get(url, timeout=5)
+            except httpx.TransportError: return None
+            return response if response.status_code == 200 else None
+        wait_for(lambda: answer(f"http://127.0.0.1:{serve_port}/ready"), "the service's /ready", timeout=180)
+        alerts_page = re.search(r"alerts: (http://\S+)", log.read_text()).group(1)
+        assert alerts_page.startswith(prometheus + "/")
+        page = wait_for(lambda: answer(alerts_page), f"{alerts_page}", timeout=60)
+        assert all(rule["alert"] in page.text for rule in alert_rules())
+        wait_for(lambda: value(prometheus, 'up{job="catdog"}') == 1.0, "Prometheus to scrape the service", timeout=60)
+        os.killpg(make.pid, signal.SIGINT)
+        make.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # every process of the group: make, its shell, catdog serve and its workers, prometheus
+            try: os.killpg(make.pid, 0)
+            except ProcessLookupError: break
+            if time.monotonic() > deadline: pytest.fail(f"processes left after Ctrl-C:\n{log_tail(log)}")
+            time.sleep(0.25)
+    finally:
+        try: os.killpg(make.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+        make.wait()
+    assert "stopped by itself" not in log.read_text(), log_tail(log)
+    assert not list(tmp_path.glob("catdog-monitoring.*"))
+    for port in (serve_port, prometheus_port):
+        with pytest.raises(httpx.ConnectError): httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
 
 
 def test_traffic_was_answered(traffic):
