@@ -1,5 +1,6 @@
 """The `catdog` console script: `catdog predict` (JSON lines per image), `catdog serve` (the service
-under uvicorn) and `catdog keys` (the service's API keys); and the summary that `make pipeline` prints at its end.
+under uvicorn), `catdog keys` (the service's API keys) and `catdog drift` (a prediction log against the training
+reference); and the summary that `make pipeline` prints at its end.
 
 Docs: https://catdog.github.io/catdog/cli.html.md"""
 
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="(default: $CATDOG_LOG_LEVEL, else the service's default)")
     s.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
+    d = commands.add_parser("drift", help="the newest predictions of a prediction log against the training reference")
+    d.add_argument("log_dir", metavar="LOG_DIR", help="the prediction log: a folder of *.jsonl files, or one file")
+    d.add_argument("--out", metavar="DIR", help="where drift.json and drift.html go (default: params.yaml drift.out_dir)")
+    d.add_argument("--model", help=model_help)
+    d.add_argument("--exit-zero", action="store_true", help="exit 0 after a drift too (drift.json says what drifted)")
     return parser
 
 # %% ../nbs/26_cli.ipynb #ffce6782
@@ -74,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `catdog` console script."
     args = build_parser().parse_args(argv)
     if args.command == "keys": return keys_command(args)
+    if args.command == "drift":
+        from catdog_nb.drift import drift_command
+        return drift_command(args.log_dir, args.out, args.model, args.exit_zero)
     if args.command == "predict":
         from catdog_nb.predict import default_model_uri, predict_command
         if args.batch_size < 1: raise SystemExit("catdog predict: --batch-size must be at least 1")
