@@ -1,6 +1,6 @@
 """The `catdog` console script: `catdog predict` (JSON lines per image), `catdog serve` (the service
-under uvicorn), `catdog keys` (the service's API keys) and `catdog feedback export` (labelled photos from the
-prediction log); and the summary that `make pipeline` prints at its end.
+under uvicorn), `catdog keys` (the service's API keys), `catdog feedback export` (labelled photos from the
+prediction log) and `catdog drift` (a prediction log against the training reference); and the summary that `make pipeline` prints at its end.
 
 Docs: https://catdog.github.io/catdog/cli.html.md"""
 
@@ -14,6 +14,20 @@ from collections.abc import Sequence
 
 # %% auto #0
 __all__ = ['build_parser', 'serve', 'main', 'keys_command', 'feedback_command', 'pipeline_summary']
+
+# %% ../nbs/26_cli.ipynb #b97bf77d
+def _loop_commands(commands, model_help: str) -> None:
+    "The subcommands of the loop from the service back to training: `feedback export` and `drift`."
+    f = commands.add_parser("feedback", help="the feedback on logged predictions")
+    export = f.add_subparsers(dest="feedback_command", required=True).add_parser(
+        "export", help="copy the labelled, logged photos to OUT/<label>/ with OUT/manifest.csv; print the counts")
+    export.add_argument("log_dir", metavar="LOG_DIR", help="the prediction log's folder (the service's CATDOG_PREDICTION_LOG)")
+    export.add_argument("out", metavar="OUT", help="the folder to write, e.g. data/feedback")
+    d = commands.add_parser("drift", help="the newest predictions of a prediction log against the training reference")
+    d.add_argument("log_dir", metavar="LOG_DIR", help="the prediction log: a folder of *.jsonl files, or one file")
+    d.add_argument("--out", metavar="DIR", help="where drift.json and drift.html go (default: params.yaml drift.out_dir)")
+    d.add_argument("--model", help=model_help)
+    d.add_argument("--exit-zero", action="store_true", help="exit 0 after a drift too (drift.json says what drifted)")
 
 # %% ../nbs/26_cli.ipynb #32d715cd
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (add, revoke): sub.add_argument("name", metavar="NAME")
     for sub in (add, revoke, keys.add_parser("list", help="names, roles and rates (never keys)")):
         sub.add_argument("--file", help="the keys file (default: $CATDOG_API_KEYS_FILE)")
-    f = commands.add_parser("feedback", help="the feedback on logged predictions")
-    export = f.add_subparsers(dest="feedback_command", required=True).add_parser(
-        "export", help="copy the labelled, logged photos to OUT/<label>/ with OUT/manifest.csv; print the counts")
-    export.add_argument("log_dir", metavar="LOG_DIR", help="the prediction log's folder (the service's CATDOG_PREDICTION_LOG)")
-    export.add_argument("out", metavar="OUT", help="the folder to write, e.g. data/feedback")
     s = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -46,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="(default: $CATDOG_LOG_LEVEL, else the service's default)")
     s.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs throughput)")
+    _loop_commands(commands, model_help)
     return parser
 
 # %% ../nbs/26_cli.ipynb #ffce6782
@@ -81,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keys": return keys_command(args)
     if args.command == "feedback": return feedback_command(args)
+    if args.command == "drift":
+        from catdog_nb.drift import drift_command
+        return drift_command(args.log_dir, args.out, args.model, args.exit_zero)
     if args.command == "predict":
         from catdog_nb.predict import default_model_uri, predict_command
         if args.batch_size < 1: raise SystemExit("catdog predict: --batch-size must be at least 1")

@@ -406,7 +406,8 @@ def test_prometheus_config_scrapes_the_local_service_with_the_alert_rules():
 def test_alert_rules_are_valid():
     result = run(system_tool("promtool"), "check", "rules", ALERTS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert {rule["alert"] for rule in alert_rules()} == {"CatdogDown", "CatdogHighErrorRatio", "CatdogHighLatencyP95", "CatdogShedding"}
+    assert {rule["alert"] for rule in alert_rules()} == {"CatdogDown", "CatdogHighErrorRatio", "CatdogHighLatencyP95", "CatdogShedding",
+                                                        "CatdogLowAnimalShare", "CatdogConfidenceShift"}
 
 
 @pytest.mark.slow
