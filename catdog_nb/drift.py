@@ -19,14 +19,14 @@ from .bundle import CLASSES
 from .core import load_params, project_root
 from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, default_model_uri
+from .predlog import LOG_GLOB, decode_embedding, encode_embedding
 
 # %% auto #0
-__all__ = ['LOG_COLUMNS', 'UNSURE', 'MEASURES', 'REPORT_STYLE', 'drift_settings', 'DriftInputError', 'encode_embedding',
-           'decode_embedding', 'log_time', 'log_rows_frame', 'log_records', 'load_current', 'Reference', 'answers',
-           'reference_from_rows', 'prediction_rows', 'reference_animal', 'load_reference', 'embedding_drift',
-           'label_share_drift', 'confidence_drift', 'animal_drift', 'DriftResult', 'measure_drift', 'drift_figure',
-           'measure_lines', 'summary_text', 'drift_html', 'write_report', 'tracking_configured', 'drift_metrics',
-           'log_drift_run', 'drift_command']
+__all__ = ['LOG_COLUMNS', 'UNSURE', 'MEASURES', 'REPORT_STYLE', 'drift_settings', 'DriftInputError', 'log_time', 'log_rows_frame',
+           'log_records', 'load_current', 'Reference', 'answers', 'reference_from_rows', 'prediction_rows',
+           'reference_animal', 'load_reference', 'embedding_drift', 'label_share_drift', 'confidence_drift',
+           'animal_drift', 'DriftResult', 'measure_drift', 'drift_figure', 'measure_lines', 'summary_text',
+           'drift_html', 'write_report', 'tracking_configured', 'drift_metrics', 'log_drift_run', 'drift_command']
 
 # %% ../nbs/25_drift.ipynb #e8c60e40
 def drift_settings(params: dict | None = None) -> dict:
@@ -39,17 +39,6 @@ LOG_COLUMNS = ("embedding", "label", "probability", "animal", "time")
 
 class DriftInputError(ValueError):
     "Predictions that cannot be compared with the reference: no log, too few rows, embeddings of another layout."
-
-def encode_embedding(embedding: np.ndarray) -> dict:
-    "`embedding_b64` (base64 of little-endian float16) and `embedding_dim`: how a log row carries the features the model saw."
-    values = np.asarray(embedding, "<f2").ravel()
-    return {"embedding_b64": base64.b64encode(values.tobytes()).decode("ascii"), "embedding_dim": int(values.size)}
-
-def decode_embedding(b64: str, dim: int) -> np.ndarray:
-    "The float32 features of a row's `embedding_b64`; `ValueError` unless it holds `dim` float16 values."
-    raw = base64.b64decode(b64, validate=True)
-    if len(raw) != 2 * dim: raise ValueError(f"embedding_b64 holds {len(raw)} bytes, not {dim} float16 values")
-    return np.frombuffer(raw, "<f2").astype(np.float32)
 
 def log_time(value) -> float:
     "Seconds since the epoch of a row's `time`: a number of seconds, or an ISO 8601 string (UTC unless it names a zone)."
@@ -65,7 +54,7 @@ def log_rows_frame(records) -> pd.DataFrame:
         try:
             label, probability = str(r["label"]), {str(k): float(v) for k, v in r["probability"].items()}
             probability[label]  # KeyError: a row without the probability of its own answer is not read
-            rows.append((decode_embedding(r["embedding_b64"], int(r["embedding_dim"])), label, probability,
+            rows.append((decode_embedding(r["embedding"], int(r["embedding_len"])), label, probability,
                          None if r.get("animal") is None else float(r["animal"]), log_time(r["time"])))
         except (KeyError, TypeError, ValueError, AttributeError): skipped += 1
     frame = pd.DataFrame(rows, columns=list(LOG_COLUMNS))
@@ -75,17 +64,17 @@ def log_rows_frame(records) -> pd.DataFrame:
 
 def log_records(frame: pd.DataFrame) -> list[dict]:
     "The rows of a frame of `LOG_COLUMNS` in the log's format (embeddings rounded to float16): what `log_rows_frame` reads."
-    return [{**encode_embedding(r.embedding), "label": r.label, "probability": dict(r.probability),
+    return [{"embedding": encode_embedding(r.embedding), "embedding_len": len(r.embedding), "label": r.label, "probability": dict(r.probability),
              "animal": None if r.animal is None or pd.isna(r.animal) else float(r.animal), "time": r.time.isoformat()}
             for r in frame.itertuples()]
 
 # %% ../nbs/25_drift.ipynb #e1286677
 def load_current(path: Path | str, max_rows: int | None = None) -> pd.DataFrame:
-    """The newest `max_rows` predictions (None: all) of the log at `path` (a `*.jsonl` file, or a folder of them), oldest
+    """The newest `max_rows` predictions (None: all) of the log at `path` (a `*.jsonl` file, or a folder of `predictions-*.jsonl` files), oldest
     first, as `log_rows_frame` reads them; lines that are not rows count in `attrs["skipped"]`."""
     path, newest, skipped, order = Path(path), [], 0, 0
     if not path.exists(): raise DriftInputError(f"no prediction log at {path}")
-    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*.jsonl") if p.is_file()):
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob(LOG_GLOB) if p.is_file()):
         with open(file, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip(): continue
