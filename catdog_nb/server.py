@@ -43,6 +43,7 @@ class Settings:
     min_body_rate: int = 8 * 1024
     max_connections: int = 10_000
     api_keys_file: str = ""
+    reload_s: float = 0.0
 
 # %% ../nbs/19_server.ipynb #fc0c2e44
 @patch(cls_method=True)
@@ -56,7 +57,7 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
         raw, kind = environ[name], kinds[f.name]
         try: value = kind(raw)
         except ValueError: raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and (value < 0 or value == 0 and f.name != "max_wait_ms"):
+        if kind in (int, float) and (value < 0 or value == 0 and f.name not in ("max_wait_ms", "reload_s")):
             raise ValueError(f"{name}={raw!r} must be positive")
         values[f.name] = value
     return cls(**values)
