@@ -13,8 +13,8 @@ from fastcore.basics import patch
 if TYPE_CHECKING: from .predict import Prediction
 
 # %% auto #0
-__all__ = ['DROP_REASONS', 'LATENCY_BUCKETS', 'KNOWN_METHODS', 'multiprocess_metrics', 'mark_worker_dead', 'dropped_connections',
-           'ServiceMetrics', 'RequestMetrics']
+__all__ = ['DROP_REASONS', 'RELOAD_RESULTS', 'LATENCY_BUCKETS', 'KNOWN_METHODS', 'multiprocess_metrics', 'mark_worker_dead',
+           'dropped_connections', 'ServiceMetrics', 'RequestMetrics']
 
 # %% ../nbs/16_monitoring.ipynb #4ff54377
 def multiprocess_metrics() -> bool:
@@ -41,6 +41,7 @@ def dropped_connections():
 
 
 # %% ../nbs/16_monitoring.ipynb #d3703a13
+RELOAD_RESULTS = ("loaded", "unchanged", "failed")
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 class ServiceMetrics:
@@ -65,8 +66,11 @@ class ServiceMetrics:
                                 buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0), registry=r)
         self.in_flight = Gauge("catdog_requests_in_flight", "HTTP requests being served",
                                registry=r, multiprocess_mode="livesum")
-        self.model_info = Gauge("catdog_model_info", "The served model version (value 1)", ["version"],
+        self.model_info = Gauge("catdog_model_info", "The served model version (value 1; 0 once replaced)", ["version"],
                                 registry=r, multiprocess_mode="livemax")
+        self.model_reloads = Counter("catdog_model_reloads", "Looks at what the model URI names (SIGHUP, CATDOG_RELOAD_S)",
+                                     ["result"], registry=r)
+        for result in RELOAD_RESULTS: self.model_reloads.labels(result)  # each series from the start, at 0
 
 # %% ../nbs/16_monitoring.ipynb #aec77108
 @patch

@@ -43,6 +43,7 @@ class Settings:
     min_body_rate: int = 8 * 1024
     max_connections: int = 10_000
     api_keys_file: str = ""
+    reload_s: float = 0.0
     prediction_log: str = ""
     prediction_log_max_mb: int = 256
     prediction_log_sample: float = 1.0
@@ -71,7 +72,7 @@ def from_env(cls: Settings, environ: dict | None = None) -> Settings:
         raw, kind = environ[name], kinds[f.name]
         try: value = _bool(raw) if kind is bool else kind(raw)
         except ValueError: raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and (value < 0 or value == 0 and f.name != "max_wait_ms"):
+        if kind in (int, float) and (value < 0 or value == 0 and f.name not in ("max_wait_ms", "reload_s")):
             raise ValueError(f"{name}={raw!r} must be positive")
         values[f.name] = value
     return cls(**values)

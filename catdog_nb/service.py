@@ -8,7 +8,8 @@ Docs: https://catdog.github.io/catdog/service.html.md"""
 
 # %% ../nbs/21_service.ipynb #83f4f336
 from __future__ import annotations
-import asyncio, contextlib, ctypes, functools, json, typing
+import asyncio, contextlib, ctypes, functools, json, os, signal, typing
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 import anyio
@@ -31,7 +32,7 @@ from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchRe
 from .access import KeyRing, RateLimiter, authorize
 from .batcher import MicroBatcher, QueueFull
 from .core import get_logger, project_root, serve_record
-from .bundle import BundleError, bundle_files, read_bundle_meta
+from .bundle import BUNDLE_FILE, BundleError, bundle_files, read_bundle_meta, resolve_bundle
 from .data import DECODED_MAX_PIXELS, ImageError
 from .engine import available_cores
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
@@ -41,9 +42,9 @@ from .server import CONNECTION_BYTES, MAX_HEAD_BYTES, BodyBudget, BodyLimits, Se
 
 # %% auto #0
 __all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'KEYED_ROUTES', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
-           'ServiceState', 'service_state', 'model_ready', 'key_of', 'read_by', 'reserve', 'model_rows', 'predict',
-           'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html', 'page', 'declare_keys',
-           'create_app', 'app_from_env']
+           'ServiceState', 'service_state', 'model_ready', 'key_of', 'ServedModel', 'model_source', 'read_by',
+           'reserve', 'model_rows', 'predict', 'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html',
+           'page', 'declare_keys', 'create_app', 'app_from_env']
 
 # %% ../nbs/21_service.ipynb #05d6603a
 RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime, + MiB resident per MiB of bundle files
@@ -80,11 +81,11 @@ def return_freed_memory(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
 
 # %% ../nbs/21_service.ipynb #982ba467
 class ServiceState:
-    "What the handlers share: settings, metrics, and once loaded the classifier and its micro-batcher."
+    "What the handlers share: settings, metrics, and once loaded the model that serves: its classifier and micro-batcher."
     def __init__(self, settings: Settings):
         self.settings, self.metrics = settings, ServiceMetrics()
-        self.classifier: Classifier | None = None
-        self.batcher: MicroBatcher | None = None
+        self.model: ServedModel | None = None  # what a request that arrives now gets
+        self._tasks, self._reloading, self._refused = set(), asyncio.Lock(), None  # see `reload`
         self.ready, self.error = False, None  # `error`: why loading failed, for the log only
         self.decode_limiter: anyio.CapacityLimiter | None = None  # made by `load`, inside the event loop
         self._loader: asyncio.Task | None = None
@@ -116,6 +117,46 @@ def key_of(role: str):
         if service.keys: authorize(service.keys, service.limiter, connection.headers.get("authorization"), role)
     return guard
 
+# %% ../nbs/21_service.ipynb #a7c3e1d2
+@dataclass(eq=False)
+class ServedModel:
+    "A loaded classifier and its micro-batcher; `source`: which model it is (`model_source`); `users`: requests holding it."
+    classifier: Classifier
+    batcher: MicroBatcher
+    source: str
+    users: int = 0
+
+    @property
+    def version(self) -> str: return self.classifier.version
+
+    @contextlib.asynccontextmanager
+    async def arriving(self):
+        "The batcher's `arriving()`, the request counted in `users` until it ends: a replaced model closes after its last."
+        self.users += 1
+        try:
+            async with self.batcher.arriving() as arrival: yield arrival
+        finally: self.users -= 1
+
+@patch(as_prop=True)
+def classifier(self: ServiceState) -> Classifier | None: return self.model.classifier if self.model else None
+
+@patch(as_prop=True)
+def batcher(self: ServiceState) -> MicroBatcher | None: return self.model.batcher if self.model else None
+
+# %% ../nbs/21_service.ipynb #b81f0c4e
+def model_source(uri: str) -> tuple[str, str]:
+    """(what to load, which model it is) for `uri` now: a registry URI (`@alias`, `latest`, a stage) pinned to the
+    version it names, `models:/name/N`; a bundle folder as it is, with the version its `bundle.json` records."""
+    if not uri.startswith("models:/"):
+        return uri, str(json.loads((resolve_bundle(uri) / BUNDLE_FILE).read_text())["version"])
+    try: import mlflow
+    except ModuleNotFoundError: return uri, uri  # `Classifier.load` says what is missing
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's store, as `catdog_nb.bundle.resolve_bundle` takes it
+        with contextlib.suppress(FileNotFoundError): mlflow.set_registry_uri(f"sqlite:///{project_root() / 'mlflow.db'}")
+    pinned = "models:/" + "/".join(map(str, get_model_name_and_version(mlflow.MlflowClient(), uri)))
+    return pinned, pinned
+
 # %% ../nbs/21_service.ipynb #caaf1c74
 _log = get_logger("catdog.service")
 
@@ -124,28 +165,58 @@ def _engine_threads(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 @patch
+async def _start_model(self: ServiceState, uri: str, source: str) -> ServedModel:
+    "The model at `uri` loaded off the event loop, its micro-batcher started and warmed up."
+    s = self.settings
+    classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
+        uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=_engine_threads(s.workers)))
+    batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
+                           s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
+    warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
+    # A full batch: the engine's buffers reach their largest size now, not under the first burst of traffic
+    try: await batcher.submit([warm_up] * min(s.max_batch, s.max_queue))
+    except Exception: await anyio.to_thread.run_sync(batcher.close); raise
+    return ServedModel(classifier, batcher, source)
+
+@patch
 async def load(self: ServiceState) -> None:
     "Load the model off the event loop, start its micro-batcher and warm it up; a failure is kept in `error`."
     try:
-        s = self.settings
-        classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
-            s.model_uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=_engine_threads(s.workers)))
-        self.classifier = classifier
-        self.decode_limiter = anyio.CapacityLimiter(s.decode_threads)
-        self.batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
-                                    s.max_batch, s.max_wait_ms / 1000, self._on_batch, s.max_queue)
-        warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
-        # A full batch: the engine's buffers reach their largest size now, not under the first burst of traffic
-        await self.batcher.submit([warm_up] * min(s.max_batch, s.max_queue))
-        self.metrics.model_info.labels(classifier.version).set(1)
-        self.ready = True
-        _log.info("ready: model %s version %s", classifier.name, classifier.version)
+        uri, source = await anyio.to_thread.run_sync(model_source, self.settings.model_uri)
+        self.decode_limiter = anyio.CapacityLimiter(self.settings.decode_threads)
+        self._swap(await self._start_model(uri, source))
     except BundleError as e:  # a damaged or missing bundle: one line says which and why
         self.error = str(e)
         _log.error("model %s refused: %s", self.settings.model_uri, e)
     except Exception as e:  # reported by /ready; the process stays up for /health and the logs
         self.error = f"{type(e).__name__}: {e}"
         _log.exception("model %s failed to load", self.settings.model_uri)
+
+# %% ../nbs/21_service.ipynb #c2d94a17
+@patch
+def _swap(self: ServiceState, model: ServedModel) -> None:
+    "Serve `model` from now on: the requests that arrive get it; the one it replaces closes once its own are done."
+    old, self.model = self.model, model
+    self.ready, self.error = True, None
+    self.metrics.model_info.labels(model.version).set(1)
+    _log.info("ready: model %s version %s (%s)", model.classifier.name, model.version, model.source)
+    if old is None: return
+    if old.version != model.version: self.metrics.model_info.labels(old.version).set(0)
+    self._background(self._retire(old))
+
+@patch
+async def _retire(self: ServiceState, old: ServedModel) -> None:
+    "Close `old`'s micro-batcher once no request holds it (each ends by its deadline), off the event loop."
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + self.settings.request_timeout_s
+    while old.users and loop.time() < deadline: await asyncio.sleep(0.05)
+    await anyio.to_thread.run_sync(old.batcher.close)
+
+@patch
+def _background(self: ServiceState, work: typing.Coroutine) -> None:
+    "Run `work` as a task that `stop` cancels."
+    task = asyncio.create_task(work)
+    self._tasks.add(task); task.add_done_callback(self._tasks.discard)
 
 # %% ../nbs/21_service.ipynb #868b8a93
 @patch
@@ -161,12 +232,51 @@ def _on_batch(self: ServiceState, size: int, seconds: float) -> None:
 @patch
 async def start(self: ServiceState) -> None:
     self._loader = asyncio.create_task(self.load())
+    self._watch()
 
 @patch
 async def stop(self: ServiceState) -> None:
     if self._loader: self._loader.cancel()
+    for task in list(self._tasks): task.cancel()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
     if self.batcher: await anyio.to_thread.run_sync(self.batcher.close)
     mark_worker_dead()
+
+# %% ../nbs/21_service.ipynb #d5e6f708
+@patch
+async def reload(self: ServiceState, retry_refused: bool = True) -> str:
+    """Look at what `model_uri` names now; swap a new model in once loaded and warmed up. Returns `loaded`, `unchanged`
+    or `failed` (logged; the model serving goes on), counted in `catdog_model_reloads_total`."""
+    async with self._reloading:  # one at a time: a SIGHUP during a periodic look waits for it
+        if self._loader: await asyncio.wait({self._loader})  # the first load first
+        source = None
+        try:
+            uri, source = await anyio.to_thread.run_sync(model_source, self.settings.model_uri)
+            if self.model and source == self.model.source: result = "unchanged"
+            elif source == self._refused and not retry_refused: result = "failed"  # logged when it was refused
+            else: self._swap(await self._start_model(uri, source)); result = "loaded"
+        except Exception as e:
+            if isinstance(e, BundleError): self._refused = source
+            result, serving = "failed", self.model.version if self.model else "none"
+            _log.error("reload of %s failed (%s); version %s serves on: %s: %s",
+                       self.settings.model_uri, source, serving, type(e).__name__, e)
+    self.metrics.model_reloads.labels(result).inc()
+    return result
+
+# %% ../nbs/21_service.ipynb #e9f0a1b3
+@patch
+def _watch(self: ServiceState) -> None:
+    "Reload on SIGHUP (where the event loop takes signals: uvicorn's main thread) and every `reload_s` seconds if set."
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here: another thread (a test client), Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload()))
+    if self.settings.reload_s: self._background(self._poll())
+
+@patch
+async def _poll(self: ServiceState) -> None:
+    while True:
+        await asyncio.sleep(self.settings.reload_s)
+        await self.reload(retry_refused=False)
 
 # %% ../nbs/21_service.ipynb #438c8bc0
 def _late() -> ProblemDetailsException:
@@ -215,12 +325,13 @@ async def model_rows(request: Request, arrival, images: list, deadline: float) -
 async def predict(request: Request, service: ServiceState) -> PredictResult:
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
     data = await read_by(deadline, image_bytes(request))
-    async with service.batcher.arriving() as arrival:
+    model = service.model  # the one that answers, even if another is swapped in meanwhile
+    async with model.arriving() as arrival:
         reserve(arrival, 1)
         image = await service.decode(data, deadline)
         ((prediction, seconds),) = await model_rows(request, arrival, [image], deadline)
     service.observe(prediction)
-    return PredictResult(prediction.label, prediction.probability, prediction.animal, service.classifier.version,
+    return PredictResult(prediction.label, prediction.probability, prediction.animal, model.version,
                          round(seconds * 1000, 3))
 
 # %% ../nbs/21_service.ipynb #86850618
@@ -257,12 +368,13 @@ async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
         raise problem(415, "send the images as multipart/form-data, each in a field named `files`", "unsupported_media_type")
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
     parts = await read_by(deadline, file_parts(request, service.settings.max_files))
-    async with service.batcher.arriving() as arrival:
+    model = service.model  # the one that answers, even if another is swapped in meanwhile
+    async with model.arriving() as arrival:
         reserve(arrival, len(parts))
         decoded = [await _decode_part(service, part, deadline) for part in parts]  # one at a time
         rows = iter(await model_rows(request, arrival, [d for d in decoded if isinstance(d, np.ndarray)], deadline))
     items = [_batch_item(service, part, d, rows) for part, d in zip(parts, decoded)]
-    return BatchResult(service.classifier.version, items)
+    return BatchResult(model.version, items)
 
 # %% ../nbs/21_service.ipynb #69c1453d
 @get("/health", summary="Liveness: the process answers, its model thread runs and keeps up", responses=problem_responses(503))
