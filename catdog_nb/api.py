@@ -138,6 +138,7 @@ class PredictResult:
     animal: Animal
     model_version: str
     inference_ms: float  # model time of the micro-batch this image was part of
+    prediction_id: str  # what `POST /feedback` names it by (32 hex digits), whether or not the log is on
 
 @dataclass
 class BatchItem:
@@ -146,6 +147,7 @@ class BatchItem:
     probability: dict[str, float] | None = None
     animal: Animal = None
     inference_ms: float | None = None
+    prediction_id: str | None = None
     error: Problem | None = None
 
 @dataclass

@@ -36,6 +36,7 @@ from .data import DECODED_MAX_PIXELS, ImageError
 from .monitoring import RequestMetrics, ServiceMetrics, mark_worker_dead
 from .features import ANIMAL_THRESHOLD
 from .predict import Classifier, Prediction
+from .predlog import ERROR_KINDS, FeedbackStore, PredictionLog, new_id
 from .server import CONNECTION_BYTES, MAX_HEAD_BYTES, BodyBudget, BodyLimits, Settings
 from .serving import ModelHolder, ServedModel
 
@@ -85,6 +86,9 @@ class ServiceState:
         self.settings, self.metrics = settings, ServiceMetrics()
         self.models = ModelHolder(settings, self.metrics)  # the model that serves, its loads and swaps
         self.decode_limiter: anyio.CapacityLimiter | None = None  # made by `load`, inside the event loop
+        self.log: PredictionLog | None = None  # with `prediction_log` set, opened by `start`
+        self.feedback: FeedbackStore | None = None
+        for kind in ERROR_KINDS: self.metrics.prediction_log_failures.labels(kind)  # each series from the start, at 0
         self.keys = KeyRing(settings.api_keys_file) if settings.api_keys_file else None  # None: no key asked for
         self.limiter = RateLimiter(self.keys) if self.keys else None
 
@@ -146,12 +150,35 @@ def observe(self: ServiceState, prediction: Prediction) -> Prediction:
 @patch
 async def start(self: ServiceState) -> None:
     self.decode_limiter = anyio.CapacityLimiter(self.settings.decode_threads)
+    self.open_log()
     self.models.start()
 
 @patch
 async def stop(self: ServiceState) -> None:
     await self.models.stop()
+    if self.log: await anyio.to_thread.run_sync(self.log.close)  # what is queued is written
     mark_worker_dead()
+
+# %% ../nbs/22_service.ipynb #7c5d9e12
+@patch
+def open_log(self: ServiceState) -> None:
+    "With `prediction_log` set, the prediction log (its losses counted by kind) and the feedback store beside it."
+    s = self.settings
+    if not s.prediction_log: return
+    lost = self.metrics.prediction_log_failures
+    self.log = PredictionLog(s.prediction_log, s.prediction_log_max_mb, s.prediction_log_sample, s.log_images,
+                             on_error=lambda kind: lost.labels(kind).inc())
+    self.feedback = FeedbackStore(s.prediction_log, log=self.log)
+
+@patch
+def record(self: ServiceState, prediction_id: str, model: ServedModel, prediction: Prediction, embedding: np.ndarray,
+           started: float, image: bytes) -> None:
+    "Queue the row of an answered prediction for the log, when on: `PredictionLog.record` never blocks or raises."
+    if self.log is None: return
+    latency_ms = round((asyncio.get_running_loop().time() - started) * 1000, 3)  # since the request's head
+    self.log.record({"prediction_id": prediction_id, "model_version": model.version, "label": prediction.label,
+                     "probability": prediction.probability, "animal": prediction.animal, "latency_ms": latency_ms,
+                     "embedding": embedding}, image)
 
 # %% ../nbs/22_service.ipynb #8a4c1e07
 @patch
@@ -204,16 +231,19 @@ async def model_rows(request: Request, arrival, images: list, deadline: float) -
 @post("/predict", operation_class=with_body(IMAGE_BODY), status_code=200, summary="Classify one image",
       responses=problem_responses(400, 401, 408, 413, 415, 422, 429, 503), guards=[key_of("predict"), model_ready])
 async def predict(request: Request, service: ServiceState) -> PredictResult:
-    deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
+    started = asyncio.get_running_loop().time()  # the head is in
+    deadline = started + service.settings.request_timeout_s
     data = await read_by(deadline, image_bytes(request))
     model = service.model  # the one that answers, even if another is swapped in meanwhile
     async with model.arriving() as arrival:
         reserve(arrival, 1)
         image = await service.decode(data, deadline)
-        ((prediction, seconds),) = await model_rows(request, arrival, [image], deadline)
+        (((prediction, embedding), seconds),) = await model_rows(request, arrival, [image], deadline)
     service.observe(prediction)
+    prediction_id = new_id()
+    service.record(prediction_id, model, prediction, embedding, started, data)
     return PredictResult(prediction.label, prediction.probability, prediction.animal, model.version,
-                         round(seconds * 1000, 3))
+                         round(seconds * 1000, 3), prediction_id)
 
 # %% ../nbs/22_service.ipynb #86850618
 async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
@@ -227,19 +257,24 @@ async def file_parts(request: Request, max_files: int) -> list[UploadFile]:
         raise problem(422, f"{len(parts)} files, at most {max_files} per request (CATDOG_MAX_FILES)", "too_many_files")
     return parts
 
-async def _decode_part(service: ServiceState, part: UploadFile, deadline: float):
-    "The image of one file part, or the `ImageError` that says why not (it fails alone)."
-    try: return await service.decode(await part.read(), deadline)
-    except ImageError as e: return e
+async def _decode_part(service: ServiceState, part: UploadFile, deadline: float) -> tuple:
+    "The bytes of one file part and their image, or the `ImageError` that says why not (it fails alone)."
+    data = await part.read()
+    try: return data, await service.decode(data, deadline)
+    except ImageError as e: return data, e
 
-def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> BatchItem:
-    "The answer for one file: its prediction (the next of `rows`), or its problem."
+def _batch_item(service: ServiceState, model: ServedModel, part: UploadFile, data: bytes, decoded, rows,
+                started: float) -> BatchItem:
+    "The answer for one file: its prediction (the next of `rows`), logged, or its problem."
     if isinstance(decoded, ImageError):
         e = image_problem(decoded)
         return BatchItem(part.filename, error=Problem(e.status_code, e.title, e.detail, decoded.reason))
-    prediction, seconds = next(rows)
+    (prediction, embedding), seconds = next(rows)
     service.observe(prediction)
-    return BatchItem(part.filename, prediction.label, prediction.probability, prediction.animal, round(seconds * 1000, 3))
+    prediction_id = new_id()
+    service.record(prediction_id, model, prediction, embedding, started, data)
+    return BatchItem(part.filename, prediction.label, prediction.probability, prediction.animal,
+                     round(seconds * 1000, 3), prediction_id)
 
 # %% ../nbs/22_service.ipynb #e8c4612d
 @post("/predict/batch", operation_class=with_body(BATCH_BODY), status_code=200, summary="Classify several images",
@@ -247,14 +282,15 @@ def _batch_item(service: ServiceState, part: UploadFile, decoded, rows) -> Batch
 async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
     if media_type_of(request) != "multipart/form-data":
         raise problem(415, "send the images as multipart/form-data, each in a field named `files`", "unsupported_media_type")
-    deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
+    started = asyncio.get_running_loop().time()  # the head is in
+    deadline = started + service.settings.request_timeout_s
     parts = await read_by(deadline, file_parts(request, service.settings.max_files))
     model = service.model  # the one that answers, even if another is swapped in meanwhile
     async with model.arriving() as arrival:
         reserve(arrival, len(parts))
         decoded = [await _decode_part(service, part, deadline) for part in parts]  # one at a time
-        rows = iter(await model_rows(request, arrival, [d for d in decoded if isinstance(d, np.ndarray)], deadline))
-    items = [_batch_item(service, part, d, rows) for part, d in zip(parts, decoded)]
+        rows = iter(await model_rows(request, arrival, [d for _, d in decoded if isinstance(d, np.ndarray)], deadline))
+    items = [_batch_item(service, model, part, data, d, rows, started) for part, (data, d) in zip(parts, decoded)]
     return BatchResult(model.version, items)
 
 # %% ../nbs/22_service.ipynb #69c1453d

@@ -22,7 +22,7 @@ from .predict import Classifier
 from .server import Settings
 
 # %% auto #0
-__all__ = ['ServedModel', 'model_source', 'engine_threads', 'ModelHolder']
+__all__ = ['ServedModel', 'model_source', 'engine_threads', 'prediction_rows', 'ModelHolder']
 
 # %% ../nbs/21_serving.ipynb #a7c3e1d2
 @dataclass(eq=False)
@@ -65,6 +65,13 @@ def engine_threads(workers: int) -> int:
     "Engine threads per worker process: the cores shared among the workers, so that they do not oversubscribe."
     return max(1, available_cores() // max(1, workers))
 
+def prediction_rows(classifier: Classifier) -> typing.Callable[[list], list]:
+    "The micro-batcher's function: per image, its `Prediction` and the feature row the model saw (for the prediction log)."
+    def rows(images: list) -> list:
+        features, animal = classifier.extractor.transform_animal(list(images))
+        return list(zip(classifier.predictions(classifier.predict_features(features), animal), features))
+    return rows
+
 class ModelHolder:
     "The model that serves now (`current`), its first load, its reloads and swaps; the metrics they move in `metrics`."
     def __init__(self, settings: Settings, metrics: ServiceMetrics):
@@ -84,7 +91,7 @@ async def start_model(self: ModelHolder, uri: str, source: str) -> ServedModel:
     s = self.settings
     classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
         uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=engine_threads(s.workers)))
-    batcher = MicroBatcher(lambda images: classifier.predict(images, batch_size=len(images)),
+    batcher = MicroBatcher(prediction_rows(classifier),
                            s.max_batch, s.max_wait_ms / 1000, self.on_batch, s.max_queue)
     warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
     # A full batch: the engine's buffers reach their largest size now, not under the first burst of traffic
