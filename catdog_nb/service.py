@@ -25,9 +25,9 @@ from litestar.openapi.spec import SecurityScheme
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.plugins.problem_details import ProblemDetailsException, ProblemDetailsPlugin
 from . import __version__
-from .api import (BATCH_BODY, EXCEPTION_HANDLERS, IMAGE_BODY, BatchItem, BatchResult, ClientGone, Health,
-                           PredictResult, Problem, Readiness, image_bytes, image_problem, media_type_of, overloaded,
-                           problem, problem_responses, read_form, with_body)
+from .api import (BATCH_BODY, EXCEPTION_HANDLERS, FEEDBACK_BODY, IMAGE_BODY, BatchItem, BatchResult, ClientGone,
+                           FeedbackResult, Health, PredictResult, Problem, Readiness, feedback_of, image_bytes,
+                           image_problem, media_type_of, overloaded, problem, problem_responses, read_form, with_body)
 from .access import KeyRing, RateLimiter, authorize
 from .batcher import MicroBatcher, QueueFull
 from .core import get_logger, project_root, serve_record
@@ -43,7 +43,7 @@ from .serving import ModelHolder, ServedModel
 # %% auto #0
 __all__ = ['RUNTIME_MIB', 'FILES_FACTOR', 'KEYED_ROUTES', 'model_base_mib', 'memory_ceiling_mib', 'return_freed_memory',
            'ServiceState', 'service_state', 'model_ready', 'key_of', 'read_by', 'reserve', 'model_rows', 'predict',
-           'file_parts', 'predict_batch', 'health', 'ready', 'metrics', 'page_html', 'page', 'declare_keys',
+           'file_parts', 'predict_batch', 'feedback', 'health', 'ready', 'metrics', 'page_html', 'page', 'declare_keys',
            'create_app', 'app_from_env']
 
 # %% ../nbs/22_service.ipynb #05d6603a
@@ -293,6 +293,23 @@ async def predict_batch(request: Request, service: ServiceState) -> BatchResult:
     items = [_batch_item(service, model, part, data, d, rows, started) for part, (data, d) in zip(parts, decoded)]
     return BatchResult(model.version, items)
 
+# %% ../nbs/22_service.ipynb #9d1f3b02
+@post("/feedback", operation_class=with_body(FEEDBACK_BODY), status_code=200, summary="The true label of an answer",
+      responses=problem_responses(401, 404, 408, 413, 415, 422, 429, 503), guards=[key_of("predict")])
+async def feedback(request: Request, service: ServiceState) -> FeedbackResult:
+    if media_type_of(request) != "application/json":
+        raise problem(415, 'send JSON: {"prediction_id": "...", "label": "..."}', "unsupported_media_type")
+    deadline = asyncio.get_running_loop().time() + service.settings.request_timeout_s
+    given = feedback_of(await read_by(deadline, request.body()))
+    if service.feedback is None:
+        raise problem(404, "no prediction log: the service keeps no predictions (CATDOG_PREDICTION_LOG)", "no_prediction_log")
+    try: changed = await anyio.to_thread.run_sync(service.feedback.add, given.prediction_id, given.label)
+    except KeyError: raise problem(404, "no logged prediction has this id", "unknown_prediction") from None
+    except OSError:
+        _log.exception("feedback could not be written to %s", service.feedback.path)
+        raise problem(503, "the feedback could not be written; retry later", "feedback_not_written") from None
+    return FeedbackResult(given.prediction_id, given.label, changed)
+
 # %% ../nbs/22_service.ipynb #69c1453d
 @get("/health", summary="Liveness: the process answers, its model thread runs and keeps up", responses=problem_responses(503))
 async def health(service: ServiceState) -> Health:
@@ -324,7 +341,7 @@ async def page() -> str:
     return page_html()
 
 # %% ../nbs/22_service.ipynb #78dda6dd
-KEYED_ROUTES = {"/predict": "post", "/predict/batch": "post", "/metrics": "get"}
+KEYED_ROUTES = {"/predict": "post", "/predict/batch": "post", "/feedback": "post", "/metrics": "get"}
 
 def declare_keys(app: Litestar) -> None:
     "State in `app`'s OpenAPI schema that its keyed routes take a bearer API key."
@@ -341,7 +358,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     get_logger("catdog").setLevel(settings.log_level.upper())
     service = ServiceState(settings)
     app = Litestar(
-        route_handlers=[predict, predict_batch, health, ready, metrics, page],
+        route_handlers=[predict, predict_batch, feedback, health, ready, metrics, page],
         state=State({"service": service}), dependencies={"service": Provide(service_state, sync_to_thread=False)},
         on_startup=[service.start], on_shutdown=[service.stop],
         request_max_body_size=settings.max_bytes, multipart_form_part_limit=settings.max_files + 8,
