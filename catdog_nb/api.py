@@ -18,14 +18,16 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.params import KwargDefinition
 from litestar.plugins.problem_details import ProblemDetailsException
+from .bundle import CLASSES
 from .core import get_logger
 from .data import ImageError, ImageTooLargeError
 from .features import ANIMAL_THRESHOLD
 
 # %% auto #0
-__all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Animal', 'IMAGE_BODY', 'BATCH_BODY', 'Problem', 'problem', 'overloaded',
-           'image_problem', 'ClientGone', 'image_from_json', 'media_type_of', 'read_form', 'read_part', 'image_bytes',
-           'PredictResult', 'BatchItem', 'BatchResult', 'Health', 'Readiness', 'with_body', 'problem_responses']
+__all__ = ['PROBLEM_JSON', 'EXCEPTION_HANDLERS', 'Animal', 'IMAGE_BODY', 'BATCH_BODY', 'FEEDBACK_BODY', 'Problem', 'problem',
+           'overloaded', 'image_problem', 'ClientGone', 'image_from_json', 'media_type_of', 'read_form', 'read_part',
+           'image_bytes', 'PredictResult', 'BatchItem', 'BatchResult', 'Health', 'Readiness', 'with_body',
+           'problem_responses', 'FeedbackRequest', 'FeedbackResult', 'feedback_of']
 
 # %% ../nbs/17_api.ipynb #08bbf370
 PROBLEM_JSON = "application/problem+json"
@@ -138,6 +140,7 @@ class PredictResult:
     animal: Animal
     model_version: str
     inference_ms: float  # model time of the micro-batch this image was part of
+    prediction_id: str  # what `POST /feedback` names it by (32 hex digits), whether or not the log is on
 
 @dataclass
 class BatchItem:
@@ -146,6 +149,7 @@ class BatchItem:
     probability: dict[str, float] | None = None
     animal: Animal = None
     inference_ms: float | None = None
+    prediction_id: str | None = None
     error: Problem | None = None
 
 @dataclass
@@ -188,9 +192,38 @@ def with_body(body: RequestBody) -> type[Operation]:
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     why = {400: "not a decodable image, or a malformed multipart body", 408: "the body did not arrive in time, or too slowly",
            413: "body or image over the limits", 415: "unsupported content type",
-           422: "malformed JSON or base64, a missing form field, a text field instead of a file, or more files than maxItems",
-           503: "the model is not loaded yet, or the service is at capacity (see Retry-After)",
+           404: "no logged prediction has this id (none when the prediction log is off)",
+           422: "malformed JSON or base64, a missing form field, a text field instead of a file, more files than maxItems, "
+                "or feedback that is not {prediction_id, label} with a label of the model's classes",
+           503: "the model is not loaded yet, the service is at capacity (see Retry-After), or the feedback could not be written",
            401: "API keys are on, and the request has no key of this route's role (Authorization: Bearer)",
            429: "over the rate of its API key (see Retry-After)"}
     return {s: ResponseSpec(data_container=Problem, media_type=PROBLEM_JSON, description=why[s], generate_examples=False)
             for s in statuses}
+
+# %% ../nbs/17_api.ipynb #4f0e7a22
+@dataclass
+class FeedbackRequest:
+    prediction_id: str  # from the answer of /predict or of one item of /predict/batch
+    label: str  # the true label: one of the model's classes
+
+@dataclass
+class FeedbackResult:
+    prediction_id: str
+    label: str
+    changed: bool  # False: it already was this prediction's label (the request is idempotent)
+
+FEEDBACK_BODY = RequestBody(required=True, description="The true label of a prediction the service answered", content={
+    "application/json": OpenAPIMediaType(schema=Schema(type="object", properties={  # type: ignore[arg-type]
+        "prediction_id": Schema(type="string", pattern="^[0-9a-f]{32}$", description="`prediction_id` of the answer"),
+        "label": Schema(type="string", enum=list(CLASSES))}, required=["prediction_id", "label"]))})
+
+def feedback_of(body: bytes, classes=CLASSES) -> FeedbackRequest:
+    "The feedback of a `/feedback` body; 422 for malformed JSON, another shape or a label not in `classes`."
+    try: doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError): doc = None
+    if not (isinstance(doc, dict) and isinstance(doc.get("prediction_id"), str) and isinstance(doc.get("label"), str)):
+        raise problem(422, 'expected a JSON object {"prediction_id": "<from the answer>", "label": "<the true label>"}',
+                      "malformed_feedback")
+    if doc["label"] not in classes: raise problem(422, f"label must be one of: {', '.join(classes)}", "bad_label")
+    return FeedbackRequest(doc["prediction_id"], doc["label"])

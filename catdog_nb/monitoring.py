@@ -71,6 +71,8 @@ class ServiceMetrics:
         self.model_reloads = Counter("catdog_model_reloads", "Looks at what the model URI names (SIGHUP, CATDOG_RELOAD_S)",
                                      ["result"], registry=r)
         for result in RELOAD_RESULTS: self.model_reloads.labels(result)  # each series from the start, at 0
+        self.prediction_log_failures = Counter("catdog_prediction_log_failures", "Prediction log rows or photos lost, by kind",
+                                               ["kind"], registry=r)  # its kinds: the service creates them (catdog_nb.predlog)
 
 # %% ../nbs/16_monitoring.ipynb #aec77108
 @patch

@@ -21,6 +21,8 @@ SERVICE_METRICS = {
     "catdog_requests_in_flight": "gauge",
     "catdog_model_info": "gauge",
     "catdog_connections_dropped_total": "counter",
+    "catdog_model_reloads_total": "counter",
+    "catdog_prediction_log_failures_total": "counter",
 }
 # The series names those metrics expose, plus Prometheus's own `up`.
 _SUFFIXES = {"counter": ("", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}

@@ -143,7 +143,7 @@ def test_the_schema_declares_the_bearer_scheme_on_the_keyed_routes_only(keyed):
     assert schema["components"]["securitySchemes"]["apiKey"] == {
         "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["apiKey"]["description"]}
     secured = {(path, method) for path, item in schema["paths"].items() for method, op in item.items() if op.get("security")}
-    assert secured == {("/predict", "post"), ("/predict/batch", "post"), ("/metrics", "get")}
+    assert secured == {("/predict", "post"), ("/predict/batch", "post"), ("/feedback", "post"), ("/metrics", "get")}
 
 
 def test_the_page_asks_for_a_key_and_then_classifies(keyed, training_photos):

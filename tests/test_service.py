@@ -300,7 +300,7 @@ def test_service_features_equal_pipeline_features(model_bundle, backbones, unsee
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     run = subprocess.run(
-        [BIN / "schemathesis", "run", f"{server['url']}/schema/openapi.json",
+        [BIN / "schemathesis", "--config-file", ROOT / "schemathesis.toml", "run", f"{server['url']}/schema/openapi.json",
          "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "30",
          "--workers", "2", "--seed", "1", "--max-failures", "20"],
         capture_output=True, text=True, cwd=tmp_path, timeout=500)
