@@ -70,12 +70,12 @@ def idle_pairs(classifier: Classifier, port: int, blobs: list[bytes], n: int) ->
 
 # %% ../nbs/24_bench_serve.ipynb #d005f667
 @contextlib.contextmanager
-def served(model_uri: str | Path):
-    "`catdog serve` of `model_uri` on a free loopback port, ready: `(port, process)` until the block ends."
+def served(model_uri: str | Path, env: dict | None = None):
+    "`catdog serve` of `model_uri` (with the variables `env` added) on a free loopback port, ready: `(port, process)` until the block ends."
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     script = Path(sys.executable).parent / "catdog"
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from catdog_nb.cli import main; main()"]
-    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri)}
+    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri), **(env or {})}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command + ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)

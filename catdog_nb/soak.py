@@ -7,10 +7,11 @@ Docs: https://catdog.github.io/catdog/soak.html.md"""
 
 # %% ../nbs/25_soak.ipynb #1b35d4df
 from __future__ import annotations
-import argparse, asyncio, json, os, random, socket, struct, subprocess, sys, tempfile, time, zlib
+import argparse, asyncio, json, os, random, struct, time, zlib
 from pathlib import Path
 import numpy as np
-from .bench import _memory_mib, _wait_ready, echoed, load_average, write_record
+from .bench import _memory_mib, echoed, load_average, write_record
+from .bench_serve import served
 from .data import sample_photos
 from .predict import default_model_uri
 
@@ -133,20 +134,10 @@ def _soak_run(url: str, pid: int, photos: list[bytes], n_requests: int, concurre
 def bench_soak(model_uri: str | Path | None = None, n_requests: int = 10_000, concurrency: int = 16,
                hostile_share: float = 0.2, warm_up: int = 200, per_class: int = 25, env: dict | None = None) -> dict:
     "Soak a fresh `catdog serve` of `model_uri` (default: the served bundle); the figures, also with `alive` at the end."
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    env = {**os.environ, "CATDOG_MODEL_URI": str(model_uri or default_model_uri()), **(env or {})}
     photos = [p.read_bytes() for p in sample_photos(per_class)]
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "catdog"), "serve", "--host", "127.0.0.1", "--port",
-                                   str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}", server)
-            figures = _soak_run(f"http://127.0.0.1:{port}", server.pid, photos, n_requests, concurrency, hostile_share, warm_up)
-            return figures | {"alive": server.poll() is None}
-        except Exception:
-            log.seek(0); sys.stderr.write(log.read().decode(errors="replace")[-3000:]); raise
-        finally:
-            server.terminate(); server.wait(30)
+    with served(model_uri or default_model_uri(), env) as (port, server):
+        figures = _soak_run(f"http://127.0.0.1:{port}", server.pid, photos, n_requests, concurrency, hostile_share, warm_up)
+        return figures | {"alive": server.poll() is None}
 
 # %% ../nbs/25_soak.ipynb #238e8927
 def print_soak(figures: dict, load_before: str) -> None:
