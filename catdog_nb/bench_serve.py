@@ -7,18 +7,19 @@ Docs: https://catdog.github.io/catdog/bench_serve.html.md"""
 
 # %% ../nbs/24_bench_serve.ipynb #4c1215ca
 from __future__ import annotations
-import argparse, asyncio, contextlib, http.client, json, os, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, contextlib, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 from .core import BENCH_DIR, project_root, serve_record
 from .bench import _memory_mib, _wait_ready, echoed, load_average, write_record
-from .bundle import read_bundle_meta, resolve_bundle
+from .bundle import BUNDLE_FILE, bundle_version, file_sha256, plain_name, read_bundle_meta, resolve_bundle
 from .data import sample_photos
 from .predict import Classifier, default_model_uri
+from .predlog import LOG_GLOB
 
 # %% auto #0
-__all__ = ['SERVE_FIGURES', 'drive_service', 'bench_client', 'idle_pairs', 'served', 'bench_serve', 'print_serve',
-           'bench_serve_main']
+__all__ = ['SERVE_FIGURES', 'drive_service', 'bench_client', 'idle_pairs', 'served', 'start_load', 'load_results', 'resave',
+           'swap_under_load', 'bench_serve', 'print_serve', 'bench_serve_main']
 
 # %% ../nbs/24_bench_serve.ipynb #c921247f
 async def _post_raw(reader, writer, host: str, path: str, body: bytes, content_type: str) -> int:
@@ -88,45 +89,103 @@ def served(model_uri: str | Path, env: dict | None = None):
             server.terminate(); server.wait(30)
 
 # %% ../nbs/24_bench_serve.ipynb #ef8b0ab3
-def _in_turns(classifier: Classifier, port: int, photos: list[Path], blobs: list[bytes], batch_size: int,
+def start_load(port: int, photos: list[Path], concurrency: int, n_requests: int) -> subprocess.Popen:
+    "`bench_client` sending `n_requests` of `photos` to the service at `port` from `concurrency` clients; see `load_results`."
+    client = subprocess.Popen([sys.executable, "-c", "from catdog_nb.bench_serve import bench_client; bench_client()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client.stdin.write(json.dumps({"host": "127.0.0.1", "port": port, "photos": [str(p) for p in photos],
+                                   "concurrency": concurrency, "n_requests": n_requests}))
+    client.stdin.close()
+    return client
+
+def load_results(client: subprocess.Popen) -> dict:
+    "What the load generator `client` measured, once it is done."
+    out = client.stdout.read()
+    if client.wait() != 0: raise RuntimeError(f"the load generator exited with {client.returncode}")
+    return json.loads(out)
+
+def _in_turns(classifier: Classifier, ports: dict[str, int], photos: list[Path], blobs: list[bytes], batch_size: int,
               concurrency: int, n_requests: int, rounds: int) -> dict:
-    "`rounds` turns of a pass of `blobs` in-process, then `n_requests / rounds` to the service: their summed figures."
-    local_s, run = 0.0, {"latencies": [], "statuses": {}, "wall_s": 0.0}
-    for share in np.array_split(np.arange(n_requests), rounds):
+    """`rounds` turns of a pass of `blobs` in-process, then `n_requests / rounds` to each service of `ports` (in the
+    other order every second turn): the summed figures of each."""
+    local_s, runs = 0.0, {name: {"latencies": [], "statuses": {}, "wall_s": 0.0} for name in ports}
+    for turn, share in enumerate(np.array_split(np.arange(n_requests), rounds)):
         start = time.perf_counter()
         for i in range(0, len(blobs), batch_size): classifier.predict_bytes(blobs[i:i + batch_size])
         local_s += time.perf_counter() - start
-        request = {"host": "127.0.0.1", "port": port, "photos": [str(p) for p in photos], "concurrency": concurrency,
-                   "n_requests": len(share)}
-        client = subprocess.run([sys.executable, "-c", "from catdog_nb.bench_serve import bench_client; bench_client()"],
-                                input=json.dumps(request), capture_output=True, text=True, check=True)
-        turn = json.loads(client.stdout)
-        run["latencies"] += turn["latencies"]; run["wall_s"] += turn["wall_s"]
-        for status, count in turn["statuses"].items(): run["statuses"][status] = run["statuses"].get(status, 0) + count
-    return run | {"in_process_ips": rounds * len(blobs) / local_s}
+        for name in list(ports)[::-1 if turn % 2 else 1]:
+            run, measured = runs[name], load_results(start_load(ports[name], photos, concurrency, len(share)))
+            run["latencies"] += measured["latencies"]; run["wall_s"] += measured["wall_s"]
+            for status, count in measured["statuses"].items(): run["statuses"][status] = run["statuses"].get(status, 0) + count
+    return runs | {"in_process_ips": rounds * len(blobs) / local_s}
+
+# %% ../nbs/24_bench_serve.ipynb #f2631668
+def _ready_version(port: int) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/ready")
+        return json.loads(connection.getresponse().read()).get("model_version")
+
+def resave(bundle: Path) -> str:
+    """The bundle folder `bundle` made another version of the same model: a newline added to its booster file (LightGBM
+    reads the same trees), its sha256 and version recomputed. Returns the new version."""
+    meta = read_bundle_meta(bundle)
+    booster = bundle / meta["booster"]
+    booster.write_text(booster.read_text() + "\n")
+    head = (bundle / meta["linear"]).read_text() if meta.get("linear") else ""
+    meta["version"] = bundle_version(booster.read_text() + head, {k: meta[k] for k in ("feature_sets", "features", "backbones")})
+    meta["sha256"][plain_name(meta["booster"])] = file_sha256(booster)
+    (bundle / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta["version"]
+
+def swap_under_load(port: int, server: subprocess.Popen, bundle: Path, photos: list[Path], concurrency: int,
+                    n_requests: int, timeout: float = 300) -> dict:
+    """A new version of the bundle folder `bundle` that the server at `port` serves (`resave`: a whole load) swapped in
+    on SIGHUP while `n_requests` run: their statuses, the seconds from the signal to the swap, and the server's peak
+    resident memory, two models held."""
+    version = resave(bundle)
+    client = start_load(port, photos, concurrency, n_requests)
+    time.sleep(1)  # the load under way
+    signalled = time.monotonic(); server.send_signal(signal.SIGHUP)
+    while _ready_version(port) != version:
+        if time.monotonic() > signalled + timeout: raise RuntimeError(f"no swap within {timeout} s of SIGHUP")
+        time.sleep(0.05)
+    swap_s, under_load = time.monotonic() - signalled, client.poll() is None
+    run = load_results(client)
+    if not under_load: raise RuntimeError(f"the load ended before the swap ({swap_s:.1f} s): send more requests")
+    return {"swap_statuses": run["statuses"], "swap_s": swap_s, "rss_swap_peak_mib": _memory_mib(server.pid).get("peak")}
 
 # %% ../nbs/24_bench_serve.ipynb #5b30421f
 def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_requests: int = 800, idle_requests: int = 50,
-                per_class: int = 100, batch_size: int = 32, rounds: int = 4) -> dict:
-    "The in-process model and `catdog serve` of the bundle at `model_uri` (default: the served one), measured in turns."
+                per_class: int = 100, batch_size: int = 32, rounds: int = 4, swap_requests: int = 800) -> dict:
+    """The in-process model and `catdog serve` of the bundle at `model_uri` (default: the served one), measured in turns,
+    with the prediction log off and on; then a new version swapped in under load."""
     asked = str(model_uri or default_model_uri())
-    model_uri = resolve_bundle(asked)  # a models:/ URI fetched once, here, not by each step
-    meta, photos = read_bundle_meta(model_uri), sample_photos(per_class)
+    source = resolve_bundle(asked)  # a models:/ URI fetched once, here, not by each step
+    meta, photos = read_bundle_meta(source), sample_photos(per_class)
     blobs = [p.read_bytes() for p in photos]
-    classifier = Classifier.load(model_uri, batch_size=batch_size)
+    classifier = Classifier.load(source, batch_size=batch_size)
     classifier.predict_bytes(blobs[:batch_size])  # warm-up
-    with served(model_uri) as (port, server):
-        warm = _memory_mib(server.pid)  # the model loaded and warmed up, no request yet
-        run = _in_turns(classifier, port, photos, blobs, batch_size, concurrency, n_requests, rounds)
-        local, idle = idle_pairs(classifier, port, blobs, idle_requests)
-        loaded = _memory_mib(server.pid)
+    with tempfile.TemporaryDirectory(prefix="catdog-bench-serve-") as tmp:
+        bundle = Path(shutil.copytree(source, Path(tmp) / "bundle"))  # `swap_under_load` changes it
+        log = Path(tmp) / "prediction-log"
+        with served(bundle) as (port, server), served(bundle, {"CATDOG_PREDICTION_LOG": str(log)}) as (logged_port, _):
+            warm = _memory_mib(server.pid)  # the model loaded and warmed up, no request yet
+            runs = _in_turns(classifier, {"off": port, "on": logged_port}, photos, blobs, batch_size, concurrency,
+                             n_requests, rounds)
+            local, idle = idle_pairs(classifier, port, blobs, idle_requests)
+            loaded = _memory_mib(server.pid)
+            swap = swap_under_load(port, server, bundle, photos, concurrency, swap_requests)
+        logged_rows = sum(len(f.read_bytes().splitlines()) for f in log.glob(LOG_GLOB))
     ms = lambda xs, q: float(np.percentile(xs, q) * 1000)
-    service_rps = n_requests / run["wall_s"]
-    return {"service_rps": service_rps, "in_process_ips": run["in_process_ips"], "ratio": service_rps / run["in_process_ips"],
+    run, service_rps, logged_rps = runs["off"], n_requests / runs["off"]["wall_s"], n_requests / runs["on"]["wall_s"]
+    return {"service_rps": service_rps, "in_process_ips": runs["in_process_ips"], "ratio": service_rps / runs["in_process_ips"],
             "statuses": run["statuses"], **{f"p{q}_ms": ms(run["latencies"], q) for q in (50, 95, 99)},
-            "in_process_p50_ms": ms(local, 50), "idle_p50_ms": ms(idle, 50), "idle_p95_ms": ms(idle, 95),
-            "idle_over_ms": ms(idle, 50) - ms(local, 50), "rss_warm_mib": warm.get("rss"), "rss_peak_mib": loaded.get("peak"),
-            "photos": len(photos), "concurrency": concurrency, "requests": n_requests, "batch_size": batch_size, "rounds": rounds,
+            "logged_rps": logged_rps, "logged_ratio": logged_rps / service_rps, "logged_statuses": runs["on"]["statuses"],
+            "logged_rows": logged_rows, "in_process_p50_ms": ms(local, 50), "idle_p50_ms": ms(idle, 50),
+            "idle_p95_ms": ms(idle, 95), "idle_over_ms": ms(idle, 50) - ms(local, 50), "rss_warm_mib": warm.get("rss"),
+            "rss_peak_mib": loaded.get("peak"), **swap, "photos": len(photos), "concurrency": concurrency,
+            "requests": n_requests, "batch_size": batch_size, "rounds": rounds,
             "bundle": {"uri": asked, "name": meta["name"], "version": meta["version"], "feature_sets": meta["feature_sets"]}}
 
 # %% ../nbs/24_bench_serve.ipynb #ca01af34
@@ -138,12 +197,17 @@ _SERVE_ROWS = {  # figure -> (key, format)
     "one image at a time, in-process p50 (ms)": ("in_process_p50_ms", "{:.1f}"),
     "one request at a time to the idle service, p50 / p95 (ms)": (("idle_p50_ms", "idle_p95_ms"), "{:.1f}"),
     "idle service p50 over the in-process p50 (ms)": ("idle_over_ms", "{:.1f}"),
+    "the same with the prediction log on (requests/s)": ("logged_rps", "{:.1f}"),
+    "ratio log on / log off": ("logged_ratio", "{:.3f}"),
+    "rows in the prediction log": ("logged_rows", "{}"),
     "server resident memory: after warm-up / peak (MiB)": (("rss_warm_mib", "rss_peak_mib"), "{:.0f}"),
+    "a new version swapped in under load: seconds from SIGHUP": ("swap_s", "{:.1f}"),
+    "server peak with two models held, during the swap (MiB)": ("rss_swap_peak_mib", "{:.0f}"),
     "serving venv on disk (MiB)": ("serve_venv_mib", "{:.0f}"),
-    "statuses": ("statuses", "{}"),
+    "statuses: log off / log on / during the swap": (("statuses", "logged_statuses", "swap_statuses"), "{}"),
 }
-SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "ratio", "in_process_p50_ms", "idle_p50_ms", "idle_p95_ms",
-                 "idle_over_ms", "rss_peak_mib", "serve_venv_mib")
+SERVE_FIGURES = ("concurrency", "service_rps", "in_process_ips", "ratio", "logged_ratio", "in_process_p50_ms", "idle_p50_ms",
+                 "idle_p95_ms", "idle_over_ms", "rss_peak_mib", "rss_swap_peak_mib", "serve_venv_mib")
 
 def print_serve(r: dict, load_before: str) -> None:
     "The figures of `bench_serve` as a Markdown table."
@@ -163,8 +227,9 @@ def bench_serve_main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=8); p.add_argument("--requests", type=int, default=800)
     p.add_argument("--idle-requests", type=int, default=50); p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32, help="in-process batches"); p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--swap-requests", type=int, default=800, help="requests running while a new version is swapped in")
     a, root, before = p.parse_args(argv), project_root(), os.getloadavg()
-    r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size, a.rounds)
+    r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size, a.rounds, a.swap_requests)
     venv = root / ".venv-serve"  # what `make bench-serve` builds: the serving set as the image installs it
     r["serve_venv_mib"] = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20 or None
     table = echoed(print_serve, r, load_average(before))

@@ -18,7 +18,7 @@ from .core import project_root
 # %% auto #0
 __all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'LINEAR_FILE', 'BundleError', 'model_text', 'bundle_version', 'LinearHead',
            'booster_logit', 'sigmoid', 'predict_proba', 'file_sha256', 'plain_name', 'bundle_files', 'save_bundle',
-           'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
+           'registry', 'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
 
 # %% ../nbs/08_bundle.ipynb #89d41b9a
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -126,18 +126,18 @@ def save_bundle(out_dir: Path | str, booster: lgb.Booster, feature_sets: list[st
     return meta
 
 # %% ../nbs/08_bundle.ipynb #00e86ff6
-def _fetch_registered(uri: str) -> Path:
-    "Download a `models:/` URI from the MLflow registry; the bundle is the folder holding `bundle.json`."
-    try: import mlflow
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            f"loading {uri!r} needs mlflow, which the serving set does not include: `pip install mlflow` "
-            "(it is in requirements/pipeline.txt), or point at a bundle folder instead (e.g. models/catdog)") from e
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the pipeline's embedded store, as catdog_nb.tracking.mlflow_setup sets it
+def registry():
+    "mlflow, pointed at `MLFLOW_TRACKING_URI`, or else at the pipeline's embedded store (as `catdog_nb.tracking.mlflow_setup`)."
+    import mlflow
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
         with contextlib.suppress(FileNotFoundError):
             store = f"sqlite:///{project_root() / 'mlflow.db'}"
             mlflow.set_tracking_uri(store); mlflow.set_registry_uri(store)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return mlflow
+
+def _fetch_registered(uri: str) -> Path:
+    "Download a `models:/` URI from the MLflow registry; the bundle is the folder holding `bundle.json`."
+    local = Path(registry().artifacts.download_artifacts(artifact_uri=uri))
     found = sorted(local.rglob(BUNDLE_FILE), key=lambda p: len(p.parts))
     if not found: raise BundleError(f"{uri} holds no {BUNDLE_FILE}: not a catdog model")
     return found[0].parent

@@ -8,14 +8,14 @@ Docs: https://catdog.github.io/catdog/serving.html.md"""
 
 # %% ../nbs/21_serving.ipynb #5e1a0c03
 from __future__ import annotations
-import asyncio, contextlib, json, os, signal, typing
+import asyncio, contextlib, json, signal, typing
 from dataclasses import dataclass
 import anyio
 import numpy as np
 from fastcore.basics import patch
 from .batcher import MicroBatcher
-from .bundle import BUNDLE_FILE, BundleError, resolve_bundle
-from .core import get_logger, project_root
+from .bundle import BUNDLE_FILE, BundleError, registry, resolve_bundle
+from .core import get_logger
 from .engine import available_cores
 from .monitoring import ServiceMetrics
 from .predict import Classifier
@@ -50,11 +50,8 @@ def model_source(uri: str) -> tuple[str, str]:
     version it names, `models:/name/N`; a bundle folder as it is, with the version its `bundle.json` records."""
     if not uri.startswith("models:/"):
         return uri, str(json.loads((resolve_bundle(uri) / BUNDLE_FILE).read_text())["version"])
-    try: import mlflow
-    except ModuleNotFoundError: return uri, uri  # `Classifier.load` says what is missing
     from mlflow.store.artifact.utils.models import get_model_name_and_version
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's store, as `catdog_nb.bundle.resolve_bundle` takes it
-        with contextlib.suppress(FileNotFoundError): mlflow.set_registry_uri(f"sqlite:///{project_root() / 'mlflow.db'}")
+    mlflow = registry()
     pinned = "models:/" + "/".join(map(str, get_model_name_and_version(mlflow.MlflowClient(), uri)))
     return pinned, pinned
 

@@ -2,7 +2,8 @@
 
 `model_bundle` is a real bundle: the pipeline's own functions (`convert_backbone`, and `FeatureExtractor`,
 `train_booster`, `save_bundle` via `bundles.tiny_bundle`) on a fixed sample of real photos, so that the tests do not depend on `make pipeline`
-having run. `server` is the real `catdog serve` on a loopback port, serving `model_bundle`.
+having run. `server` is the real `catdog serve` on a loopback port, serving `model_bundle`. `serve_venv` is the serving
+image's install: requirements/serve.txt and the package, in a fresh venv.
 """
 import os
 import sys
@@ -15,6 +16,7 @@ from catdog_nb.core import load_params
 from catdog_nb.data import read_image, sample_photos
 from bundles import tiny_bundle
 from servers import free_port, running
+from venvs import build_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,3 +70,9 @@ def server(model_bundle, tmp_path_factory):
     with running([BIN / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=ROOT,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=tmp / "server.log", timeout=180) as proc:
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "process": proc, "log": tmp / "server.log"}
+
+
+@pytest.fixture(scope="session")
+def serve_venv(tmp_path_factory) -> Path:
+    "A venv holding the serving set and the package, built from a copy of the builder stage's build context."
+    return build_venv(tmp_path_factory.mktemp("serve-install"), ["builder"], "serve.txt")

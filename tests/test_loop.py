@@ -3,8 +3,8 @@ and picked up without a restart, and drift is measured on what the service logge
 
 A real `mlflow server` (sqlite, its own artifacts folder) holds the registry. Version 1 is a deliberately weak bundle
 (classic features, 2 photos per class), registered and made `champion` by `sync_registry` on a project folder as
-`dvc repro evaluate` leaves it. `catdog serve` runs on `models:/catdog@champion` with the prediction log and its photos
-on and `CATDOG_RELOAD_S=1`. Twenty training photos are sent and their true labels posted to `/feedback`; `catdog
+`dvc repro evaluate` leaves it. `catdog serve`, installed as the serving image installs it (`serve_venv`: MLflow's client
+alone), runs on `models:/catdog@champion` with the prediction log and its photos on and `CATDOG_RELOAD_S=1`. Twenty training photos are sent and their true labels posted to `/feedback`; `catdog
 feedback export` turns them into a training folder; the bundle retrained on the first 4 photos plus the exported ones
 is scored on the same unseen photos, and `sync_registry`'s gate moves `champion` to version 2. The running service
 answers with it within seconds. Then the service classifies photos, and darkened copies of them, and the drift
@@ -34,6 +34,7 @@ from catdog_nb.metrics import classification_metrics
 from catdog_nb.predict import Classifier
 from catdog_nb.predlog import LOG_GLOB
 from servers import free_port, log_tail, running
+from venvs import outside_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -110,7 +111,8 @@ def logged_lines(log_dir: Path, ids: list[str], seconds: float = 30) -> dict[str
         time.sleep(0.2)
 
 
-def test_feedback_retrains_promotes_reloads_and_drift_is_told(tracking_server, training_photos, unseen_photos, tmp_path):
+def test_feedback_retrains_promotes_reloads_and_drift_is_told(tracking_server, serve_venv, training_photos, unseen_photos,
+                                                             tmp_path):
     project, log_dir, export = tmp_path / "project", tmp_path / "prediction-log", tmp_path / "feedback"
     project.mkdir()
     shutil.copy(ROOT / "params.yaml", project / "params.yaml")
@@ -119,11 +121,12 @@ def test_feedback_retrains_promotes_reloads_and_drift_is_told(tracking_server, t
     assert f"models:/{MODEL}@{ALIAS} = version 1" in synced and f"no {ALIAS} yet" in synced, synced
 
     port = free_port()
-    env = {**without_tracking_uri(), "MLFLOW_TRACKING_URI": tracking_server, "CATDOG_MODEL_URI": f"models:/{MODEL}@{ALIAS}",
-           "CATDOG_RELOAD_S": str(RELOAD_S), "CATDOG_PREDICTION_LOG": str(log_dir), "CATDOG_LOG_IMAGES": "1"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = {**outside_env(), "CATDOG_ROOT": str(project), "MLFLOW_TRACKING_URI": tracking_server,
+           "CATDOG_MODEL_URI": f"models:/{MODEL}@{ALIAS}", "CATDOG_RELOAD_S": str(RELOAD_S),
+           "CATDOG_PREDICTION_LOG": str(log_dir), "CATDOG_LOG_IMAGES": "1"}
+    for name in ("MLFLOW_REGISTRY_URI", "PROMETHEUS_MULTIPROC_DIR"): env.pop(name, None)
     serve_log = tmp_path / "serve.log"
-    with running([BIN / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=tmp_path,
+    with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=tmp_path,
                  ready_url=f"http://127.0.0.1:{port}/ready", log=serve_log, timeout=180), \
             httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         # users send photos and say what each one shows

@@ -8,22 +8,17 @@ import httpx
 import pytest
 
 from servers import free_port, running
-from venvs import build_venv, installed, outside_env, pinned, run_in
+from venvs import installed, outside_env, pinned, run_in
 
 ROOT = Path(__file__).resolve().parents[1]
-RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "onnx",
+# MLflow's client (mlflow-skinny) serves registry URIs; its tracking store (sqlalchemy) and server stay out.
+RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "sqlalchemy", "onnx",
                      "torch", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
 SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.engine", "catdog_nb.features",
                    "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher", "catdog_nb.monitoring", "catdog_nb.service"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def serve_venv(tmp_path_factory) -> Path:
-    "A venv holding the serving set and the package, built from a copy of the builder stage's build context."
-    return build_venv(tmp_path_factory.mktemp("serve-install"), ["builder"], "serve.txt")
 
 
 def test_venv_holds_exactly_the_serving_set(serve_venv):
