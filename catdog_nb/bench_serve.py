@@ -157,7 +157,7 @@ def swap_under_load(port: int, server: subprocess.Popen, bundle: Path, photos: l
 
 # %% ../nbs/24_bench_serve.ipynb #5b30421f
 def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_requests: int = 800, idle_requests: int = 50,
-                per_class: int = 100, batch_size: int = 32, rounds: int = 4, swap_requests: int = 800) -> dict:
+                per_class: int = 100, batch_size: int = 32, rounds: int = 8, swap_requests: int = 800) -> dict:
     """The in-process model and `catdog serve` of the bundle at `model_uri` (default: the served one), measured in turns,
     with the prediction log off and on; then a new version swapped in under load."""
     asked = str(model_uri or default_model_uri())
@@ -226,7 +226,7 @@ def bench_serve_main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="bundle folder or models:/ URI (default: params.yaml train.bundle_dir)")
     p.add_argument("--concurrency", type=int, default=8); p.add_argument("--requests", type=int, default=800)
     p.add_argument("--idle-requests", type=int, default=50); p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32, help="in-process batches"); p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32, help="in-process batches"); p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--swap-requests", type=int, default=800, help="requests running while a new version is swapped in")
     a, root, before = p.parse_args(argv), project_root(), os.getloadavg()
     r = bench_serve(a.model, a.concurrency, a.requests, a.idle_requests, a.per_class, a.batch_size, a.rounds, a.swap_requests)
