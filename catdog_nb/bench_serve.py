@@ -169,7 +169,6 @@ def bench_serve(model_uri: str | Path | None = None, concurrency: int = 8, n_req
     with tempfile.TemporaryDirectory(prefix="catdog-bench-serve-") as tmp:
         bundle = Path(shutil.copytree(source, Path(tmp) / "bundle"))  # `swap_under_load` changes it
         log = Path(tmp) / "prediction-log"
-        # the log's server first: the second to start may have an edge (see above)
         with served(bundle, {"CATDOG_PREDICTION_LOG": str(log)}) as (logged_port, _), served(bundle) as (port, server):
             warm = _memory_mib(server.pid)  # the model loaded and warmed up, no request yet
             runs = _in_turns(classifier, {"off": port, "on": logged_port}, photos, blobs, batch_size, concurrency,
