@@ -135,16 +135,16 @@ def registry():
             mlflow.set_tracking_uri(store); mlflow.set_registry_uri(store)
     return mlflow
 
-def _fetch_registered(uri: str) -> Path:
-    "Download a `models:/` URI from the MLflow registry; the bundle is the folder holding `bundle.json`."
-    local = Path(registry().artifacts.download_artifacts(artifact_uri=uri))
+def _fetch_registered(uri: str, into: Path | None = None) -> Path:
+    "Download a `models:/` URI from the MLflow registry (into the folder `into`, or a temporary one); the bundle is the folder holding `bundle.json`."
+    local = Path(registry().artifacts.download_artifacts(artifact_uri=uri, dst_path=into and str(into)))
     found = sorted(local.rglob(BUNDLE_FILE), key=lambda p: len(p.parts))
     if not found: raise BundleError(f"{uri} holds no {BUNDLE_FILE}: not a catdog model")
     return found[0].parent
 
-def resolve_bundle(uri: str | Path) -> Path:
-    "The local bundle folder of `uri`: a folder, its `bundle.json`, or a `models:/name@alias` / `models:/name/N` URI."
-    if str(uri).startswith("models:/"): return _fetch_registered(str(uri))
+def resolve_bundle(uri: str | Path, into: Path | None = None) -> Path:
+    "The local bundle folder of `uri`: a folder, its `bundle.json`, or a `models:/name@alias` / `models:/name/N` URI (downloaded `into`)."
+    if str(uri).startswith("models:/"): return _fetch_registered(str(uri), into)
     path = Path(uri)
     if path.name == BUNDLE_FILE and path.is_file(): path = path.parent
     if not (path / BUNDLE_FILE).is_file():

@@ -51,14 +51,15 @@ RUNTIME_MIB, FILES_FACTOR = 300, 8  # the estimate without a record: the runtime
 
 def model_base_mib(bundle: Path | str, record: Path | str | None = None) -> tuple[float, str]:
     """Resident MiB of one worker serving the bundle folder `bundle`, warmed up with a full batch in flight, and where the
-    figure comes from: the peak in `record` (default: its sets' `serve_record`) if it names this bundle's
-    version, else the estimate."""
+    figure comes from: the peak in `record` (default: its sets' `serve_record`; a swap to a new version included) if it
+    names this bundle's version, else the estimate."""
     meta, bundle = read_bundle_meta(bundle), Path(bundle)
     record = Path(record or project_root() / serve_record(meta["feature_sets"]))
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no record, or not one of this bundle
         measured = json.loads(record.read_text())
-        if measured["bundle"]["version"] == meta["version"] and measured["serve"]["rss_peak_mib"]:
-            return float(measured["serve"]["rss_peak_mib"]), f"measured by make bench-serve on {measured['date']}"
+        peak = measured["serve"].get("rss_swap_peak_mib") or measured["serve"]["rss_peak_mib"]
+        if measured["bundle"]["version"] == meta["version"] and peak:
+            return float(peak), f"measured by make bench-serve on {measured['date']}"
     files = sum((bundle / name).stat().st_size for name in bundle_files(meta)) / 2**20
     return RUNTIME_MIB + FILES_FACTOR * files, f"estimated from its {files:.1f} MiB of files"
 

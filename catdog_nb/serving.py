@@ -8,7 +8,8 @@ Docs: https://catdog.github.io/catdog/serving.html.md"""
 
 # %% ../nbs/21_serving.ipynb #5e1a0c03
 from __future__ import annotations
-import asyncio, contextlib, json, signal, typing
+import asyncio, contextlib, json, shutil, signal, tempfile, typing
+from pathlib import Path
 from dataclasses import dataclass
 import anyio
 import numpy as np
@@ -84,10 +85,14 @@ class ModelHolder:
 # %% ../nbs/21_serving.ipynb #caaf1c74
 @patch
 async def start_model(self: ModelHolder, uri: str, source: str) -> ServedModel:
-    "The model at `uri` loaded off the event loop, its micro-batcher started and warmed up."
-    s = self.settings
-    classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
-        uri, batch_size=s.max_batch, max_pixels=s.max_pixels, threads=engine_threads(s.workers)))
+    """The model at `uri` loaded off the event loop, its micro-batcher started and warmed up. A registry's copy is
+    deleted once loaded: the model is in memory, and a service that reloads for months keeps no old versions on disk."""
+    s, download = self.settings, Path(tempfile.mkdtemp(prefix="catdog-model-")) if uri.startswith("models:/") else None
+    try:
+        classifier = await anyio.to_thread.run_sync(lambda: Classifier.load(
+            resolve_bundle(uri, download), batch_size=s.max_batch, max_pixels=s.max_pixels, threads=engine_threads(s.workers)))
+    finally:
+        if download: shutil.rmtree(download, ignore_errors=True)
     batcher = MicroBatcher(prediction_rows(classifier),
                            s.max_batch, s.max_wait_ms / 1000, self.on_batch, s.max_queue)
     warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)

@@ -120,10 +120,11 @@ def test_feedback_retrains_promotes_reloads_and_drift_is_told(tracking_server, s
     v1, first_test, synced = publish(project, first_photos, unseen_photos, tracking_server)
     assert f"models:/{MODEL}@{ALIAS} = version 1" in synced and f"no {ALIAS} yet" in synced, synced
 
-    port = free_port()
+    port, service_tmp = free_port(), tmp_path / "service-tmp"
+    service_tmp.mkdir()
     env = {**outside_env(), "CATDOG_ROOT": str(project), "MLFLOW_TRACKING_URI": tracking_server,
            "CATDOG_MODEL_URI": f"models:/{MODEL}@{ALIAS}", "CATDOG_RELOAD_S": str(RELOAD_S),
-           "CATDOG_PREDICTION_LOG": str(log_dir), "CATDOG_LOG_IMAGES": "1"}
+           "CATDOG_PREDICTION_LOG": str(log_dir), "CATDOG_LOG_IMAGES": "1", "TMPDIR": str(service_tmp)}
     for name in ("MLFLOW_REGISTRY_URI", "PROMETHEUS_MULTIPROC_DIR"): env.pop(name, None)
     serve_log = tmp_path / "serve.log"
     with running([serve_venv / "bin" / "catdog", "serve", "--host", "127.0.0.1", "--port", port], env=env, cwd=tmp_path,
@@ -168,6 +169,7 @@ def test_feedback_retrains_promotes_reloads_and_drift_is_told(tracking_server, s
             time.sleep(0.2)
         print(f"version 2 serving {time.monotonic() - promoted_at:.1f} s after the promotion")
         assert predict(client, sent[0].read_bytes())["model_version"] == v2
+        assert not list(service_tmp.rglob("bundle.json"))  # each version's download deleted once loaded
 
         # drift: a reference of unshifted photos, then other photos, then the same photos darkened, all through the service
         start = FIRST + FEEDBACK  # photos neither version was trained on
