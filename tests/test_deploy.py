@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -702,3 +703,39 @@ def test_the_api_keys_component_mounts_the_secret_where_the_service_reads_it(tmp
     result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, tmp_path / "deployment.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "k8s/api-keys/keys.jsonl" in (ROOT / ".gitignore").read_text()
+
+
+# --- The registry (k8s/registry, a kustomize component) -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_registry_component_serves_the_champion_and_lets_out_only_the_tracking_server(deployed_bundle, tmp_path):
+    from catdog_nb.bundle import bundle_files, read_bundle_meta
+    from catdog_nb.service import Settings
+    component = load_yaml(K8S / "registry" / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    patches = {(patch := load_yaml(K8S / "registry" / p["path"]))["kind"]: patch for p in component["patches"]}
+    deployment = with_patch(load_yaml(K8S / "deployment.yaml"), patches["Deployment"])
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    settings = Settings.from_env(load_yaml(K8S / "configmap.yaml")["data"] | env)
+    params = load_yaml(ROOT / "params.yaml")
+    assert settings.model_uri == f"models:/{params['train']['registered_model']}@{params['evaluate']['champion_alias']}"
+    assert settings.reload_s > 0
+    # each version is downloaded to /tmp and deleted once loaded: one version must fit its emptyDir
+    meta = read_bundle_meta(deployed_bundle)
+    bundle_mib = sum((deployed_bundle / name).stat().st_size for name in bundle_files(meta)) / 2**20
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/tmp"]]
+    assert bundle_mib < mebibytes(tmp["emptyDir"]["sizeLimit"])
+    # out: the tracking server's namespace and port, and the cluster's DNS; every rule names where it goes
+    policy = copy.deepcopy(load_yaml(K8S / "networkpolicy.yaml"))
+    policy["spec"]["egress"] = patches["NetworkPolicy"]["spec"]["egress"]  # a list without a merge key: replaced
+    tracking = urllib.parse.urlsplit(env["MLFLOW_TRACKING_URI"])
+    to_server, to_dns = policy["spec"]["egress"]
+    assert to_server == {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": tracking.hostname.split(".")[1]}}}],
+                         "ports": [{"port": tracking.port, "protocol": "TCP"}]}
+    assert {p["port"] for p in to_dns["ports"]} == {53} and to_dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    for name, manifest in (("deployment", deployment), ("networkpolicy", policy)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
+    result = run(BIN / "kubernetes-validate", "--strict", "--kubernetes-version", K8S_VERSION, *tmp_path.glob("*.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
