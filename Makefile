@@ -38,7 +38,11 @@ data/raw: data/raw.dvc | $(VENV)/.pipeline
 # The served model and only it: split, each served set's backbone and features, train, evaluate (dvc repro evaluate),
 # then the registry made to follow the files (catdog_nb.evaluate.sync_registry: DVC skips stages whose outputs are
 # current, and the registry is outside DVC). The end prints what the run produced. A second run does nothing.
+# With params.yaml data.feedback naming a folder, split runs every time (10 s): DVC does not see a new export into the
+# same folder (nbs/01_data.ipynb), and an unchanged split.csv leaves every later stage as it was.
 pipeline: $(VENV)/.pipeline data/raw
+	@[ -z "$$($(BIN)/python -c "from catdog_nb.core import load_params; print(load_params()['data']['feedback'])")" ] \
+	  || $(BIN)/dvc repro --force --single-item split
 	$(BIN)/dvc repro evaluate
 	@$(BIN)/python -c "from catdog_nb.evaluate import sync_registry; print(sync_registry())"
 	@$(BIN)/python -c "from catdog_nb.cli import pipeline_summary; print(pipeline_summary())"
