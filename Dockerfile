@@ -63,7 +63,7 @@ WORKDIR /app
 COPY params.yaml ./
 COPY models/catdog/ models/catdog/
 # Only what this image's layout decides: the project root and the bundle copied above. Every other CATDOG_*
-# setting keeps its default, which lives in one place (catdog_nb.service.Settings); k8s/configmap.yaml and
+# setting keeps its default, which lives in one place (catdog_nb.server.Settings); k8s/configmap.yaml and
 # `docker run -e` override them.
 ENV CATDOG_ROOT=/app \
     CATDOG_MODEL_URI=/app/models/catdog
