@@ -121,19 +121,19 @@ def _in_turns(classifier: Classifier, ports: dict[str, int], photos: list[Path],
 
 # %% ../nbs/24_bench_serve.ipynb #f2631668
 def _ready_version(port: int) -> str | None:
-    with contextlib.suppress(OSError, ValueError):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", "/ready")
-        return json.loads(connection.getresponse().read()).get("model_version")
+    "The model version that `/ready` of the service at `port` names, or None."
+    with contextlib.suppress(OSError, ValueError), contextlib.closing(http.client.HTTPConnection("127.0.0.1", port, timeout=10)) as c:
+        c.request("GET", "/ready")
+        return json.loads(c.getresponse().read()).get("model_version")
 
 def resave(bundle: Path) -> str:
     """The bundle folder `bundle` made another version of the same model: a newline added to its booster file (LightGBM
     reads the same trees), its sha256 and version recomputed. Returns the new version."""
     meta = read_bundle_meta(bundle)
-    booster = bundle / meta["booster"]
-    booster.write_text(booster.read_text() + "\n")
+    booster, text = bundle / meta["booster"], (bundle / meta["booster"]).read_text() + "\n"
+    booster.write_text(text)
     head = (bundle / meta["linear"]).read_text() if meta.get("linear") else ""
-    meta["version"] = bundle_version(booster.read_text() + head, {k: meta[k] for k in ("feature_sets", "features", "backbones")})
+    meta["version"] = bundle_version(text + head, {k: meta[k] for k in ("feature_sets", "features", "backbones")})
     meta["sha256"][plain_name(meta["booster"])] = file_sha256(booster)
     (bundle / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta["version"]

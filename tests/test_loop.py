@@ -1,15 +1,15 @@
-"""The loop, run end to end on loopback: what the service sees comes back as labelled data, a better model is promoted
-and picked up without a restart, and drift is measured on what the service logged.
+"""The loop, run end to end on loopback: what the service sees comes back as labelled data, a better model is promoted and
+picked up without a restart, and drift is measured on what the service logged.
 
 A real `mlflow server` (sqlite, its own artifacts folder) holds the registry. Version 1 is a deliberately weak bundle
-(classic features, 2 photos per class), registered and made `champion` by `sync_registry` on a project folder as
-`dvc repro evaluate` leaves it. `catdog serve`, installed as the serving image installs it (`serve_venv`: MLflow's client
-alone), runs on `models:/catdog@champion` with the prediction log and its photos on and `CATDOG_RELOAD_S=1`. Twenty training photos are sent and their true labels posted to `/feedback`; `catdog
-feedback export` turns them into a training folder; the bundle retrained on the first 4 photos plus the exported ones
-is scored on the same unseen photos, and `sync_registry`'s gate moves `champion` to version 2. The running service
-answers with it within seconds. Then the service classifies photos, and darkened copies of them, and the drift
-measures of `catdog_nb.drift`, against a reference of unshifted photos logged by the same service, tell the darkened
-set from the unshifted one.
+(classic features, 2 photos per class), registered and made `champion` by `sync_registry` on a project folder as `dvc
+repro evaluate` leaves it. `catdog serve`, installed as the serving image installs it (`serve_venv`: MLflow's client
+alone), runs on `models:/catdog@champion` with the prediction log and its photos on and `CATDOG_RELOAD_S=1`. Twenty
+training photos are sent and their true labels posted to `/feedback`; `catdog feedback export` turns them into a
+training folder; the bundle retrained on the first 4 photos plus the exported ones is scored on the same unseen photos,
+and `sync_registry`'s gate moves `champion` to version 2. The running service answers with it within seconds. Then the
+service classifies photos, and darkened copies of them, and the drift measures of `catdog_nb.drift`, against a reference
+of unshifted photos logged by the same service, tell the darkened set from the unshifted one.
 """
 import hashlib
 import json
