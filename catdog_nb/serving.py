@@ -23,7 +23,7 @@ from .predict import Classifier
 from .server import Settings
 
 # %% auto #0
-__all__ = ['ServedModel', 'model_source', 'engine_threads', 'prediction_rows', 'ModelHolder']
+__all__ = ['ServedModel', 'model_source', 'engine_threads', 'batch_predictor', 'ModelHolder']
 
 # %% ../nbs/21_serving.ipynb #a7c3e1d2
 @dataclass(eq=False)
@@ -63,7 +63,7 @@ def engine_threads(workers: int) -> int:
     "Engine threads per worker process: the cores shared among the workers, so that they do not oversubscribe."
     return max(1, available_cores() // max(1, workers))
 
-def prediction_rows(classifier: Classifier) -> typing.Callable[[list], list]:
+def batch_predictor(classifier: Classifier) -> typing.Callable[[list], list]:
     "The micro-batcher's function: per image, its `Prediction` and the feature row the model saw (for the prediction log)."
     def rows(images: list) -> list:
         features, animal = classifier.extractor.transform_animal(list(images))
@@ -93,7 +93,7 @@ async def start_model(self: ModelHolder, uri: str, source: str) -> ServedModel:
             resolve_bundle(uri, download), batch_size=s.max_batch, max_pixels=s.max_pixels, threads=engine_threads(s.workers)))
     finally:
         if download: shutil.rmtree(download, ignore_errors=True)
-    batcher = MicroBatcher(prediction_rows(classifier),
+    batcher = MicroBatcher(batch_predictor(classifier),
                            s.max_batch, s.max_wait_ms / 1000, self.on_batch, s.max_queue)
     warm_up = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
     # A full batch: the engine's buffers reach their largest size now, not under the first burst of traffic
