@@ -1,5 +1,5 @@
 """The trained bundle on the test split: metrics for `dvc metrics`, curve data for `dvc plots`, figures and the
-worst-classified photos, and the registry gate that moves the champion alias only to a better model
+worst-classified photos, the errors by kind, and the registry gate that moves the champion alias only to a better model
 (DVC stage `evaluate`).
 
 Docs: https://catdog.github.io/catdog/evaluate.html.md"""
@@ -13,13 +13,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+from .backbone import LOGITS_NAME, input_size
 from .bundle import CLASSES, read_bundle_meta
 from .core import get_logger, load_params, project_root
+from .engine import imagenet_batch, load_engine
+from .features import ANIMAL_THRESHOLD, DOG_CLASSES, DOMESTIC_CAT_CLASSES, animal_probability
 from .metrics import classification_metrics, image_log_losses
 
 # %% auto #0
-__all__ = ['LOWER_IS_BETTER', 'calibration_table', 'curve_tables', 'write_plot_data', 'evaluation_figure', 'worst_predictions',
-           'show_photos', 'beats', 'apply_champion_gate', 'registered_version', 'sync_registry']
+__all__ = ['CONFIDENT', 'TWO_ANIMALS_CAT', 'TWO_ANIMALS_DOG', 'HEAD_AGREES', 'ERROR_KINDS', 'LOWER_IS_BETTER',
+           'calibration_table', 'curve_tables', 'write_plot_data', 'evaluation_figure', 'worst_predictions',
+           'show_photos', 'cat_dog_mass', 'error_kinds', 'imagenet_logits', 'beats', 'apply_champion_gate',
+           'registered_version', 'sync_registry']
 
 # %% ../nbs/13_evaluate.ipynb #b86ac318
 def calibration_table(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
@@ -90,6 +95,46 @@ def show_photos(rows: pd.DataFrame, root: Path | None = None, columns: int = 6):
         ax.set_title(f"{row.label}, P(dog)={row.p_dog:.3f}\n{Path(row.path).name}", fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/13_evaluate.ipynb #be43de7f
+CONFIDENT = 0.9          # the model's P of its (wrong) class from which a mistake is no close call
+TWO_ANIMALS_CAT = 0.025  # cat mass more than 99 in 100 dog photos get (0.023)
+TWO_ANIMALS_DOG = 0.35   # dog mass more than 99 in 100 cat photos get (0.34)
+HEAD_AGREES = 0.98       # above the dog share of 99 in 100 cat photos (0.963); dog photos give cats under 0.07
+ERROR_KINDS = ("not an animal", "two animals", "likely mislabelled", "plain")  # the order the rules apply in
+
+def cat_dog_mass(logits: np.ndarray) -> pd.DataFrame:
+    "The softmax of `(n, 1000)` ImageNet `logits` summed over `DOMESTIC_CAT_CLASSES` (`cat`) and `DOG_CLASSES` (`dog`)."
+    logits = np.asarray(logits, np.float64)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    e /= e.sum(1, keepdims=True)
+    return pd.DataFrame({"cat": e[:, DOMESTIC_CAT_CLASSES].sum(1), "dog": e[:, DOG_CLASSES].sum(1)})
+
+# %% ../nbs/13_evaluate.ipynb #2d052b03
+def error_kinds(y, p, logits: np.ndarray) -> pd.Series:
+    """The kind of each misclassified photo (label `y`, the model's P(dog) `p`, the head's ImageNet `logits`): the first
+    of `ERROR_KINDS` whose rule holds, as a categorical in that order (the index of `y` if it has one)."""
+    index, y, p = y.index if isinstance(y, pd.Series) else None, np.asarray(y), np.asarray(p, np.float64)
+    predicted_dog = p >= 0.5
+    if (predicted_dog == (y == 1)).any(): raise ValueError("error_kinds takes misclassified photos only")
+    mass = cat_dog_mass(logits)
+    cat, dog = mass["cat"].to_numpy(), mass["dog"].to_numpy()
+    head_agrees = np.where(predicted_dog, dog, cat) / (cat + dog)  # the share of the model's class in the head's view
+    rules = [animal_probability(logits) < ANIMAL_THRESHOLD,
+             (cat >= TWO_ANIMALS_CAT) & (dog >= TWO_ANIMALS_DOG),
+             (np.where(predicted_dog, p, 1 - p) >= CONFIDENT) & (head_agrees >= HEAD_AGREES)]
+    kinds = np.select(rules, ERROR_KINDS[:-1], ERROR_KINDS[-1])
+    return pd.Series(pd.Categorical(kinds, ERROR_KINDS), index=index, name="kind")
+
+# %% ../nbs/13_evaluate.ipynb #0da9a891
+def imagenet_logits(extractor, images: list[np.ndarray]) -> np.ndarray:
+    "`(n, 1000)` ImageNet logits of BGR `images` from the extractor's `animal_set`: the head that gives its `animal`."
+    name = extractor.animal_set
+    if name is None: raise ValueError(f"feature sets {extractor.sets} hold no backbone: no ImageNet head")
+    engine = load_engine(extractor.backbones[name], extractor.threads)  # the extractor's own session: one per file and process
+    size, step = input_size(name), extractor.batch_size
+    batches = [engine.run(imagenet_batch(images[i:i + step], size), [LOGITS_NAME])[LOGITS_NAME] for i in range(0, len(images), step)]
+    return np.concatenate(batches) if batches else np.empty((0, 1000), np.float32)
 
 # %% ../nbs/13_evaluate.ipynb #2d572736
 LOWER_IS_BETTER = {"log_loss", "ece"}
