@@ -20,15 +20,16 @@ import optax
 from .backbone import (BN_EPS, INPUT_NAME, ONNX_IR_VERSION, ONNX_OPSET, _GraphBuilder, fold_batch_norm,
                                 mbconv_blocks)
 from .compare import cv_folds, fit_fold, fit_rows
-from .bundle import predict_proba
+from .bundle import predict_proba, sigmoid
 from .core import get_logger
 from .data import decode_image
 from .engine import available_cores, imagenet_batch
 from .metrics import image_log_losses
+from .train import BLEND_WEIGHTS
 
 # %% auto #0
 __all__ = ['CUT_NAME', 'cut_graph', 'activations', 'cached_activations', 'top_params', 'top_embedding', 'top_logit',
-           'top_outputs', 'train_top', 'unfold', 'finetune_fold', 'finetune_out_of_fold']
+           'top_outputs', 'train_top', 'unfold', 'blend', 'finetune_fold', 'finetune_out_of_fold']
 
 # %% ../nbs/29_finetune.ipynb #a49decb1
 CUT_NAME = "cut"  # the cut graph's output: the activations that enter the first trained block
@@ -184,27 +185,43 @@ def unfold(weights: dict, params: dict, first: int) -> dict:
     return out
 
 # %% ../nbs/29_finetune.ipynb #db3da522
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+def blend(p: np.ndarray, p_added: np.ndarray, weight: float) -> np.ndarray:
+    "P(dog) from the logits of `p` and `p_added`, the second at share `weight`."
+    return sigmoid((1 - weight) * _logit(p) + weight * _logit(p_added))
+
 def finetune_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, held_out: np.ndarray, weights: dict, first: int,
-                  others: np.ndarray | None, top: dict, cfg: dict, seed: int, folds: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    "(P(dog) of rows `held_out` by the booster and linear head on the top trained without them, by the top's own head; its history)."
+                  others: np.ndarray, reference: np.ndarray, top: dict, cfg: dict, seed: int, folds: int) -> tuple[dict, pd.DataFrame]:
+    "(P(dog) of rows `held_out` by `reference` and the three uses of a top trained without them; the top's epochs and blend weight)."
     learn, stop = fit_rows(y, groups, np.flatnonzero(~held_out), folds, seed)
     params, history = train_top(top_params(weights, first), x[learn], y[learn], x[stop], y[stop], seed=seed, **top)
     embedding, p_head = top_outputs(params, x)
-    X = embedding if others is None else np.hstack([embedding, others])
-    booster, head = fit_fold(X, y, learn, stop, cfg, seed)
-    return predict_proba(booster, X[held_out], head), p_head[held_out], history
+    X = np.hstack([embedding, others])
+    booster, linear = fit_fold(X, y, learn, stop, cfg, seed)
+    p_stacked = predict_proba(booster, X[held_out], linear)
+    booster, linear = fit_fold(reference, y, learn, stop, cfg, seed)
+    p_reference = predict_proba(booster, reference, linear)
+    losses = [image_log_losses(y[stop], blend(p_reference[stop], p_head[stop], w)).mean() for w in BLEND_WEIGHTS]
+    weight = float(BLEND_WEIGHTS[int(np.argmin(losses))])
+    scores = {"reference": p_reference[held_out], "stacked": p_stacked, "head": p_head[held_out],
+              "blended": blend(p_reference[held_out], p_head[held_out], weight)}
+    return scores, history.assign(blend_weight=weight)
 
 # %% ../nbs/29_finetune.ipynb #d68c1179
-def finetune_out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, weights: dict, first: int, others: np.ndarray | None,
-                         top: dict, cfg: dict, seed: int, folds: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    "(Out-of-fold P(dog) of every row by the booster on a top fine-tuned per fold, by that top's head; the epochs of every fold)."
+def finetune_out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, weights: dict, first: int, others: np.ndarray,
+                         reference: np.ndarray, top: dict, cfg: dict, seed: int, folds: int) -> tuple[dict, pd.DataFrame]:
+    "({`finetune_fold`'s names: out-of-fold P(dog) of every row}, the epochs of every fold's top)."
     log, fold = get_logger("catdog.finetune"), cv_folds(y, groups, folds, seed)
-    p, p_head, histories = np.full(len(y), np.nan), np.full(len(y), np.nan), []
+    p, histories = {}, []
     for k in range(folds):
-        start = time.perf_counter()
-        p[fold == k], p_head[fold == k], history = finetune_fold(x, y, groups, fold == k, weights, first, others, top, cfg, seed, folds)
+        start, held_out = time.perf_counter(), fold == k
+        scores, history = finetune_fold(x, y, groups, held_out, weights, first, others, reference, top, cfg, seed, folds)
+        for name, score in scores.items(): p.setdefault(name, np.full(len(y), np.nan))[held_out] = score
         histories.append(history.assign(fold=k))
-        log.info("fold %d/%d: %d epochs (%s s), log loss %.4f, the top's head %.4f, %.0f s in all", k + 1, folds, len(history),
-                 "/".join(f"{s:.0f}" for s in history.seconds), image_log_losses(y[fold == k], p[fold == k]).mean(),
-                 image_log_losses(y[fold == k], p_head[fold == k]).mean(), time.perf_counter() - start)
-    return p, p_head, pd.concat(histories, ignore_index=True)
+        losses = ", ".join(f"{name} {image_log_losses(y[held_out], score).mean():.4f}" for name, score in scores.items())
+        log.info("fold %d/%d: %d epochs (%s s), blend weight %.2f; log loss %s; %.0f s in all", k + 1, folds, len(history),
+                 "/".join(f"{s:.0f}" for s in history.seconds), history.blend_weight.iloc[0], losses, time.perf_counter() - start)
+    return p, pd.concat(histories, ignore_index=True)
