@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-.PHONY: pipeline compare test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs \
+.PHONY: pipeline compare finetune test test-fast tools lab serve mlflow-ui tracking-server lock export clean-nbs readme docs \
 	bench-features bench-serve bench-soak bench-pipeline dask-cluster bench-dask monitoring
 
 # A stamp per installed set: re-installs only when its lock file changes. uv, unlike pip, writes no bytecode at
@@ -50,6 +50,10 @@ pipeline: $(VENV)/.pipeline data/raw
 # The research: every candidate of compare.candidates (building the sets it needs) cross-validated -> compare.json.
 compare: $(VENV)/.pipeline data/raw
 	$(BIN)/dvc repro compare
+
+# Research: the top of finetune.set trained per fold of compare's CV, beside the frozen and served figures -> finetune.json.
+finetune: $(VENV)/.pipeline data/raw
+	$(BIN)/dvc repro finetune
 
 # System tools the tests drive, from Debian: prometheus (promtool and the server, tests/test_deploy.py and
 # tests/test_monitoring.py, make monitoring), chromium (the page test), postgresql (make tracking-server,

@@ -22,8 +22,9 @@ from .features import FeatureExtractor, check_sets
 from .predict import Classifier, default_model_uri
 
 # %% auto #0
-__all__ = ['PROFILE_STEPS', 'load_average', 'write_record', 'echoed', 'bench_backbones', 'profile_path', 'bench_features',
-           'print_features', 'bench_dask', 'print_dask', 'print_backbones', 'print_profile', 'bench_main']
+__all__ = ['PROFILE_STEPS', 'load_average', 'cpu_model', 'write_record', 'echoed', 'bench_backbones', 'profile_path',
+           'bench_features', 'print_features', 'bench_dask', 'print_dask', 'print_backbones', 'print_profile',
+           'bench_main']
 
 # %% ../nbs/23_bench.ipynb #09a3a932
 def load_average(loads: tuple | None = None) -> str:
@@ -32,7 +33,7 @@ def load_average(loads: tuple | None = None) -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {available_cores()} cores"
 
 # %% ../nbs/23_bench.ipynb #b3c0a002
-def _cpu_model() -> str:
+def cpu_model() -> str:
     "The CPU's model name from /proc/cpuinfo, else what `platform` knows."
     with contextlib.suppress(OSError, StopIteration):
         return next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")).split(":", 1)[1].strip()
@@ -50,7 +51,7 @@ def write_record(name: str, rows: list[dict], table_md: str, args: dict, load_be
     "`<directory>/<name>.md` (`table_md`) and `<name>.json` (the run's record; default folder `BENCH_DIR`); the JSON's path."
     root = project_root()
     folder = Path(directory or root / BENCH_DIR); (folder / name).parent.mkdir(parents=True, exist_ok=True)
-    record = {"name": name, "cpu": _cpu_model(), "cores": available_cores(),
+    record = {"name": name, "cpu": cpu_model(), "cores": available_cores(),
               "load_average": {"before": list(load_before) if load_before else None, "after": list(os.getloadavg())},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": _git_commit(root), "args": args, "rows": rows, **(extra or {})}

@@ -24,10 +24,10 @@ from .bundle import predict_proba
 from .train import LGB_KEYS, fit_linear, load_dataset, train_booster
 
 # %% auto #0
-__all__ = ['CV_SPLITS', 'COMPARE_DIR', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'out_of_fold', 'cv_metrics',
-           'paired_difference', 'candidate_name', 'named_candidates', 'candidate_tables', 'served_rps',
-           'evaluate_candidate', 'cross_validate', 'compare_candidates', 'choose_candidate', 'worth_measuring',
-           'search_grid', 'search_settings', 'choose_settings', 'write_comparison', 'search_summary',
+__all__ = ['CV_SPLITS', 'COMPARE_DIR', 'MIN_GAIN_SE', 'COMPARE_COLUMNS', 'cv_rows', 'cv_folds', 'fit_rows', 'fit_fold',
+           'out_of_fold', 'cv_metrics', 'paired_difference', 'candidate_name', 'named_candidates', 'candidate_tables',
+           'served_rps', 'evaluate_candidate', 'cross_validate', 'compare_candidates', 'choose_candidate',
+           'worth_measuring', 'search_grid', 'search_settings', 'choose_settings', 'write_comparison', 'search_summary',
            'comparison_figure']
 
 # %% ../nbs/14_compare.ipynb #911b13db
@@ -53,21 +53,30 @@ def cv_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.nda
     return _folds(tuple(np.asarray(y).tolist()), tuple(np.asarray(groups).tolist()), folds, seed).copy()
 
 # %% ../nbs/14_compare.ipynb #f0ace8e8
+def fit_rows(y: np.ndarray, groups: np.ndarray, fit: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    "(The rows of `fit` a fold's model learns from, those that stop it early): one fold of the same split applied to `fit`."
+    stop = cv_folds(y[fit], groups[fit], folds, seed) == 0
+    return fit[~stop], fit[stop]
+
+def fit_fold(X: np.ndarray, y: np.ndarray, learn: np.ndarray, stop: np.ndarray, cfg: dict, seed: int,
+             feature_names: list[str] | None = None, label: str | None = None):
+    "(booster, linear head) trained on rows `learn` of `X`, stopped and weighted on rows `stop`, as in the `train` stage."
+    booster, _ = train_booster(X[learn], y[learn], X[stop], y[stop], cfg, seed, feature_names, label)
+    return booster, fit_linear(X[learn], y[learn], X[stop], y[stop], booster, cfg.get("linear_c", 0))
+
 def out_of_fold(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: dict, seed: int, folds: int,
                 feature_names: list[str] | None = None, progress: str | None = None) -> tuple[np.ndarray, list[int]]:
     "(P(class 1) of every row from the model (booster and linear head) that did not see its fold, each fold's best iteration); `progress`: a label."
     log, fold = get_logger("catdog.compare"), cv_folds(y, groups, folds, seed)
     p, best_iterations = np.full(len(y), np.nan), []
     for k in range(folds):
-        fit, held_out = np.flatnonzero(fold != k), fold == k
-        stop = cv_folds(y[fit], groups[fit], folds, seed) == 0  # the early-stopping rows, out of the training rows
-        label = f"{progress} fold {k + 1}/{folds}" if progress else None
-        booster, _ = train_booster(X[fit[~stop]], y[fit[~stop]], X[fit[stop]], y[fit[stop]], cfg, seed, feature_names, label)
-        head = fit_linear(X[fit[~stop]], y[fit[~stop]], X[fit[stop]], y[fit[stop]], booster, cfg.get("linear_c", 0))
+        held_out, label = fold == k, f"{progress} fold {k + 1}/{folds}" if progress else None
+        booster, head = fit_fold(X, y, *fit_rows(y, groups, np.flatnonzero(~held_out), folds, seed), cfg, seed, feature_names, label)
         p[held_out] = predict_proba(booster, X[held_out], head)
         best_iterations.append(booster.best_iteration)
         if progress: log.info("%s: log loss %.4f after %d rounds", label, image_log_losses(y[held_out], p[held_out]).mean(), booster.best_iteration)
     return p, best_iterations
+
 
 # %% ../nbs/14_compare.ipynb #4358b5f4
 def cv_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:

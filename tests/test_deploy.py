@@ -24,7 +24,8 @@ BIN = Path(sys.executable).parent
 K8S = ROOT / "k8s"
 # The Kubernetes version the manifests are validated against: one kubernetes-validate ships schemas for.
 K8S_VERSION = "1.34.0"
-RESEARCH_PACKAGES = ("jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "torch")
+RESEARCH_PACKAGES = ("jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "mlflow", "torch", "jax",
+                     "optax")
 REGISTRY_CLIENT = "mlflow-skinny"  # MLflow's client alone: the service fetches and reloads models:/ URIs with it
 
 

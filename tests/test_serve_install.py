@@ -13,7 +13,7 @@ from venvs import installed, outside_env, pinned, run_in
 ROOT = Path(__file__).resolve().parents[1]
 # MLflow's client (mlflow-skinny) serves registry URIs; its tracking store (sqlalchemy) and server stay out.
 RESEARCH_PACKAGES = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "sqlalchemy", "onnx",
-                     "torch", "pandas", "sklearn", "matplotlib"]
+                     "torch", "jax", "optax", "pandas", "sklearn", "matplotlib"]
 # The modules the service and `catdog predict` run on; the pipeline's (train, evaluate, ...) may need more.
 SERVING_MODULES = ["catdog_nb", "catdog_nb.core", "catdog_nb.data", "catdog_nb.engine", "catdog_nb.features",
                    "catdog_nb.cli", "catdog_nb.predict", "catdog_nb.batcher", "catdog_nb.monitoring", "catdog_nb.service"]

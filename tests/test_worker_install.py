@@ -19,9 +19,9 @@ from servers import free_port, running
 from venvs import build_venv, installed, outside_env, pinned, run_in
 
 # What the client keeps to itself: notebooks, DVC, MLflow's tracking store (sqlalchemy; the serving set brings the
-# client, mlflow-skinny), the backbone converter.
+# client, mlflow-skinny), the backbone converter, the fine-tuning (jax, optax).
 CLIENT_ONLY = ["jupyter", "jupyterlab", "notebook", "ipykernel", "nbdev", "papermill", "dvc", "sqlalchemy", "onnx", "torch",
-               "matplotlib"]
+               "jax", "optax", "matplotlib"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
