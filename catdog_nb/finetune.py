@@ -28,8 +28,8 @@ from .metrics import image_log_losses
 from .train import BLEND_WEIGHTS
 
 # %% auto #0
-__all__ = ['CUT_NAME', 'cut_graph', 'activations', 'cached_activations', 'top_params', 'top_embedding', 'top_logit',
-           'top_outputs', 'train_top', 'unfold', 'blend', 'finetune_fold', 'finetune_out_of_fold']
+__all__ = ['CUT_NAME', 'cut_graph', 'cut_session', 'activations', 'cached_activations', 'top_params', 'top_embedding',
+           'top_logit', 'top_outputs', 'train_top', 'unfold', 'blend', 'finetune_fold', 'finetune_out_of_fold']
 
 # %% ../nbs/29_finetune.ipynb #a49decb1
 CUT_NAME = "cut"  # the cut graph's output: the activations that enter the first trained block
@@ -53,11 +53,15 @@ def cut_graph(weights: dict, side: int, first: int):
     return model
 
 # %% ../nbs/29_finetune.ipynb #b311d5a1
-def activations(model, images: list[np.ndarray], side: int, batch_size: int = 16) -> np.ndarray:
-    "`(n, h, w, c)` float16: the output of the cut graph `model` for the BGR photos `images`, channels last."
+def cut_session(weights: dict, side: int, first: int):
+    "An ONNX Runtime session of `cut_graph`, on every core."
     import onnxruntime as ort
     options = ort.SessionOptions(); options.intra_op_num_threads = available_cores()
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(cut_graph(weights, side, first).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+def activations(session, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    "`(n, h, w, c)` float16: the cut graph's output for the BGR photos `images`, channels last."
+    side = session.get_inputs()[0].shape[-1]
     out = [session.run([CUT_NAME], {INPUT_NAME: imagenet_batch(images[i:i + batch_size], side)})[0]
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out).transpose(0, 2, 3, 1).astype(np.float16)
@@ -69,11 +73,11 @@ def cached_activations(paths: list[Path], md5s: list[str], weights: dict, side: 
     key = hashlib.md5("\n".join([name, str(side), str(first), *md5s]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{name}-b{first}-{key}.npy"
     if path.is_file(): return np.load(path, mmap_mode="r")
-    model, start, log = cut_graph(weights, side, first), time.perf_counter(), get_logger("catdog.finetune")
+    session, start, log = cut_session(weights, side, first), time.perf_counter(), get_logger("catdog.finetune")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npy")
     for i in range(0, len(paths), batch_size):
-        batch = activations(model, [decode_image(Path(p).read_bytes()) for p in paths[i:i + batch_size]], side)
+        batch = activations(session, [decode_image(Path(p).read_bytes()) for p in paths[i:i + batch_size]])
         if i == 0: out = np.lib.format.open_memmap(partial, "w+", np.float16, (len(paths), *batch.shape[1:]))
         out[i:i + len(batch)] = batch
     out.flush(); del out
