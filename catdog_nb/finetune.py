@@ -25,11 +25,11 @@ from .core import get_logger
 from .data import decode_image
 from .engine import available_cores, imagenet_batch
 from .metrics import image_log_losses
-from .train import BLEND_WEIGHTS
+from .train import blend_weight
 
 # %% auto #0
 __all__ = ['CUT_NAME', 'cut_graph', 'cut_session', 'activations', 'cached_activations', 'top_params', 'top_embedding',
-           'top_logit', 'top_outputs', 'train_top', 'unfold', 'blend', 'finetune_fold', 'finetune_out_of_fold']
+           'top_logit', 'top_outputs', 'train_top', 'unfold', 'finetune_fold', 'finetune_out_of_fold']
 
 # %% ../nbs/29_finetune.ipynb #a49decb1
 CUT_NAME = "cut"  # the cut graph's output: the activations that enter the first trained block
@@ -193,10 +193,6 @@ def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p))
 
-def blend(p: np.ndarray, p_added: np.ndarray, weight: float) -> np.ndarray:
-    "P(dog) from the logits of `p` and `p_added`, the second at share `weight`."
-    return sigmoid((1 - weight) * _logit(p) + weight * _logit(p_added))
-
 def finetune_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, held_out: np.ndarray, weights: dict, first: int,
                   others: np.ndarray, reference: np.ndarray, top: dict, cfg: dict, seed: int, folds: int) -> tuple[dict, pd.DataFrame]:
     "(P(dog) of rows `held_out` by `reference` and the three uses of a top trained without them; the top's epochs and blend weight)."
@@ -208,10 +204,10 @@ def finetune_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, held_out: np
     p_stacked = predict_proba(booster, X[held_out], linear)
     booster, linear = fit_fold(reference, y, learn, stop, cfg, seed)
     p_reference = predict_proba(booster, reference, linear)
-    losses = [image_log_losses(y[stop], blend(p_reference[stop], p_head[stop], w)).mean() for w in BLEND_WEIGHTS]
-    weight = float(BLEND_WEIGHTS[int(np.argmin(losses))])
+    reference_logit, head_logit = _logit(p_reference), _logit(p_head)
+    weight = blend_weight(y[stop], reference_logit[stop], head_logit[stop])
     scores = {"reference": p_reference[held_out], "stacked": p_stacked, "head": p_head[held_out],
-              "blended": blend(p_reference[held_out], p_head[held_out], weight)}
+              "blended": sigmoid(weight * head_logit[held_out] + (1 - weight) * reference_logit[held_out])}
     return scores, history.assign(blend_weight=weight)
 
 # %% ../nbs/29_finetune.ipynb #d68c1179

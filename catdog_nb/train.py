@@ -19,8 +19,9 @@ from .metrics import image_log_losses
 
 # %% auto #0
 __all__ = ['LGB_KEYS', 'BLEND_WEIGHTS', 'TRAIN_ENGINES', 'NETWORK_PARAMS', 'FeatureTableError', 'feature_columns', 'load_dataset',
-           'split_xy', 'lgb_params', 'training_params', 'train_booster', 'fit_linear', 'learning_curve_figure',
-           'ClusterError', 'engine_client', 'scatter_rows', 'val_losses', 'early_stop', 'train_on_cluster']
+           'split_xy', 'lgb_params', 'training_params', 'train_booster', 'blend_weight', 'fit_linear',
+           'learning_curve_figure', 'ClusterError', 'engine_client', 'scatter_rows', 'val_losses', 'early_stop',
+           'train_on_cluster']
 
 # %% ../nbs/12_train.ipynb #2301127c
 class FeatureTableError(ValueError):
@@ -98,7 +99,12 @@ def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     return booster, {"val": history["val"]["binary_logloss"]}
 
 # %% ../nbs/12_train.ipynb #87501069
-BLEND_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)  # the linear head's shares of the blended logit, tried on val
+BLEND_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)  # the shares of an added logit in a blend, tried on val
+
+def blend_weight(y: np.ndarray, base_logit: np.ndarray, added_logit: np.ndarray) -> float:
+    "The share of `added_logit` in `share * added + (1 - share) * base` (one of `BLEND_WEIGHTS`) with the lowest log loss on labels `y`."
+    losses = [image_log_losses(y, sigmoid(float(w) * added_logit + (1 - float(w)) * base_logit)).mean() for w in BLEND_WEIGHTS]
+    return float(BLEND_WEIGHTS[int(np.argmin(losses))])
 
 def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
                booster: lgb.Booster, c: float) -> LinearHead | None:
@@ -109,9 +115,7 @@ def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_va
     scale[scale == 0] = 1.0  # a constant column: centred to 0, its scale does not matter
     model = LogisticRegression(C=c, max_iter=5000).fit((X_train - mean) / scale, y_train)
     head = LinearHead(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), weight=0.0)
-    linear, boosted = head.logit(X_val), booster_logit(booster, X_val)  # once each; only the weight changes
-    losses = [image_log_losses(y_val, sigmoid(replace(head, weight=float(w)).blend(linear, boosted))).mean() for w in BLEND_WEIGHTS]
-    return replace(head, weight=float(BLEND_WEIGHTS[int(np.argmin(losses))]))
+    return replace(head, weight=blend_weight(y_val, booster_logit(booster, X_val), head.logit(X_val)))
 
 # %% ../nbs/12_train.ipynb #f891926e
 def learning_curve_figure(history: dict, best_iteration: int):
