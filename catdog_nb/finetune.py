@@ -124,12 +124,14 @@ def top_embedding(params: dict, x):
 def top_logit(params: dict, x): return top_embedding(params, x) @ params["head"]["w"] + params["head"]["b"]
 
 # %% ../nbs/29_finetune.ipynb #f7587105
-_embedding, _probability = jax.jit(top_embedding), jax.jit(lambda params, x: jax.nn.sigmoid(top_logit(params, x)))
+@jax.jit
+def _outputs(params: dict, x):
+    embedding = top_embedding(params, x)  # once: the head's logit is one product away
+    return embedding, jax.nn.sigmoid(embedding @ params["head"]["w"] + params["head"]["b"])
 
 def top_outputs(params: dict, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     "(`(n, d)` float32 embeddings, `(n,)` float64 P(dog) of the top's own head) of activations `x`, `batch_size` at a time."
-    chunks = [(np.asarray(_embedding(params, x[i:i + batch_size])), np.asarray(_probability(params, x[i:i + batch_size])))
-              for i in range(0, len(x), batch_size)]
+    chunks = [jax.device_get(_outputs(params, x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
     return np.concatenate([e for e, _ in chunks]), np.concatenate([p for _, p in chunks]).astype(np.float64)
 
 # %% ../nbs/29_finetune.ipynb #602b5dc4
