@@ -16,9 +16,10 @@ from .backbone import is_backbone_set
 from .core import project_root
 
 # %% auto #0
-__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'LINEAR_FILE', 'BundleError', 'model_text', 'bundle_version', 'LinearHead',
-           'booster_logit', 'sigmoid', 'predict_proba', 'file_sha256', 'plain_name', 'bundle_files', 'save_bundle',
-           'registry', 'resolve_bundle', 'verify_files', 'read_bundle_meta', 'read_bundle']
+__all__ = ['CLASSES', 'BUNDLE_FILE', 'BOOSTER_FILE', 'LINEAR_FILE', 'BundleError', 'model_text', 'bundle_version',
+           'blended_logit', 'LinearHead', 'booster_logit', 'sigmoid', 'predict_proba', 'file_sha256', 'plain_name',
+           'bundle_files', 'save_bundle', 'registry', 'resolve_bundle', 'verify_files', 'read_bundle_meta',
+           'read_bundle']
 
 # %% ../nbs/08_bundle.ipynb #89d41b9a
 CLASSES = ("cat", "dog")  # the booster predicts P(CLASSES[1])
@@ -39,6 +40,10 @@ def bundle_version(booster_text: str, settings: dict) -> str:
     return digest.hexdigest()[:12]
 
 # %% ../nbs/08_bundle.ipynb #2fb469cc
+def blended_logit(base_logit: np.ndarray, added_logit: np.ndarray, share: float) -> np.ndarray:
+    "`share` of `added_logit`, the rest of `base_logit`."
+    return share * added_logit + (1 - share) * base_logit
+
 @dataclass(frozen=True)
 class LinearHead:
     """Logistic regression on standardised features: `logit(X) = ((X - mean) / scale) @ coef + intercept`, given
@@ -55,7 +60,7 @@ class LinearHead:
 
     def blend(self, linear_logit: np.ndarray, booster_logit: np.ndarray) -> np.ndarray:
         "The blended logit: `weight` of this head's `linear_logit`, the rest of the booster's."
-        return self.weight * linear_logit + (1 - self.weight) * booster_logit
+        return blended_logit(booster_logit, linear_logit, self.weight)
 
     def to_json(self) -> str:
         "The head as JSON text (floats written exactly): what `linear.json` holds."

@@ -77,7 +77,6 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: dict, see
         if progress: log.info("%s: log loss %.4f after %d rounds", label, image_log_losses(y[held_out], p[held_out]).mean(), booster.best_iteration)
     return p, best_iterations
 
-
 # %% ../nbs/14_compare.ipynb #4358b5f4
 def cv_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     "`cv_accuracy`, `cv_log_loss` with their standard errors (`_se`) and `cv_roc_auc` of out-of-fold probabilities `p`."

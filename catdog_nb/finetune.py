@@ -20,7 +20,7 @@ import optax
 from .backbone import (BN_EPS, INPUT_NAME, ONNX_IR_VERSION, ONNX_OPSET, _GraphBuilder, fold_batch_norm,
                                 mbconv_blocks)
 from .compare import cv_folds, fit_fold, fit_rows
-from .bundle import predict_proba, sigmoid
+from .bundle import blended_logit, predict_proba, sigmoid
 from .core import get_logger
 from .data import decode_image
 from .engine import available_cores, imagenet_batch
@@ -209,7 +209,7 @@ def finetune_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, held_out: np
     reference_logit, head_logit = _logit(p_reference), _logit(p_head)
     weight = blend_weight(y[stop], reference_logit[stop], head_logit[stop])
     scores = {"reference": p_reference[held_out], "stacked": p_stacked, "head": p_head[held_out],
-              "blended": sigmoid(weight * head_logit[held_out] + (1 - weight) * reference_logit[held_out])}
+              "blended": sigmoid(blended_logit(reference_logit, head_logit, weight)[held_out])}
     return scores, history.assign(blend_weight=weight)
 
 # %% ../nbs/29_finetune.ipynb #d68c1179

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from .bundle import CLASSES, LinearHead, booster_logit, predict_proba, sigmoid
+from .bundle import CLASSES, LinearHead, blended_logit, booster_logit, predict_proba, sigmoid
 from .core import Progress, dask_client
 from .metrics import image_log_losses
 
@@ -102,8 +102,8 @@ def train_booster(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
 BLEND_WEIGHTS = np.round(np.linspace(0, 1, 21), 2)  # the shares of an added logit in a blend, tried on val
 
 def blend_weight(y: np.ndarray, base_logit: np.ndarray, added_logit: np.ndarray) -> float:
-    "The share of `added_logit` in `share * added + (1 - share) * base` (one of `BLEND_WEIGHTS`) with the lowest log loss on labels `y`."
-    losses = [image_log_losses(y, sigmoid(float(w) * added_logit + (1 - float(w)) * base_logit)).mean() for w in BLEND_WEIGHTS]
+    "The share of `added_logit` in `blended_logit` (one of `BLEND_WEIGHTS`) with the lowest log loss on labels `y`."
+    losses = [image_log_losses(y, sigmoid(blended_logit(base_logit, added_logit, float(w)))).mean() for w in BLEND_WEIGHTS]
     return float(BLEND_WEIGHTS[int(np.argmin(losses))])
 
 def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
