@@ -17,7 +17,7 @@ from .backbone import LOGITS_NAME, input_size
 from .bundle import CLASSES, read_bundle_meta
 from .core import get_logger, load_params, project_root
 from .engine import imagenet_batch, load_engine
-from .features import ANIMAL_THRESHOLD, DOG_CLASSES, DOMESTIC_CAT_CLASSES, animal_probability
+from .features import ANIMAL_THRESHOLD, DOG_CLASSES, DOMESTIC_CAT_CLASSES, animal_probability, imagenet_mass
 from .metrics import classification_metrics, image_log_losses
 
 # %% auto #0
@@ -104,11 +104,8 @@ HEAD_AGREES = 0.97       # above the dog share of 99 in 100 cat photos (0.963); 
 ERROR_KINDS = ("not an animal", "two animals", "likely mislabelled", "plain")  # the order the rules apply in
 
 def cat_dog_mass(logits: np.ndarray) -> pd.DataFrame:
-    "The softmax of `(n, 1000)` ImageNet `logits` summed over `DOMESTIC_CAT_CLASSES` (`cat`) and `DOG_CLASSES` (`dog`)."
-    logits = np.asarray(logits, np.float64)
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    e /= e.sum(1, keepdims=True)
-    return pd.DataFrame({"cat": e[:, DOMESTIC_CAT_CLASSES].sum(1), "dog": e[:, DOG_CLASSES].sum(1)})
+    "The `imagenet_mass` of `logits` over `DOMESTIC_CAT_CLASSES` (`cat`) and over `DOG_CLASSES` (`dog`)."
+    return pd.DataFrame({"cat": imagenet_mass(logits, DOMESTIC_CAT_CLASSES), "dog": imagenet_mass(logits, DOG_CLASSES)})
 
 # %% ../nbs/13_evaluate.ipynb #2d052b03
 def error_kinds(y, p, logits: np.ndarray) -> pd.Series:

@@ -22,7 +22,7 @@ from .engine import center_square, check_images, imagenet_batch, load_engine
 __all__ = ['SETTINGS_GROUPS', 'FEATURES_VERSION', 'SETTING_KEYS', 'UNIFORM_LBP', 'LBP_BINS', 'EMBEDDING_DIM', 'DOG_CLASSES',
            'DOMESTIC_CAT_CLASSES', 'ANIMAL_CLASSES', 'ANIMAL_THRESHOLD', 'FeatureSettingsError', 'settings_group',
            'check_sets', 'check_settings', 'feature_settings', 'lbp_codes', 'grid_histograms', 'ClassicDescriptors',
-           'FeatureExtractor', 'animal_probability']
+           'FeatureExtractor', 'imagenet_mass', 'animal_probability']
 
 # %% ../nbs/05_features.ipynb #aef9a780
 SETTINGS_GROUPS = ("classic",)
@@ -250,11 +250,15 @@ DOMESTIC_CAT_CLASSES = range(281, 286)  # 281 tabby, 282 tiger cat, 283 Persian 
 ANIMAL_CLASSES = np.array([*DOG_CLASSES, *DOMESTIC_CAT_CLASSES])
 ANIMAL_THRESHOLD = 0.1  # below it the photo "does not look like a cat or a dog": see the check at the end
 
-def animal_probability(logits: np.ndarray) -> np.ndarray:
-    "`(n,)` float32 in [0, 1]: the softmax of `(n, 1000)` ImageNet logits summed over `ANIMAL_CLASSES`."
+def imagenet_mass(logits: np.ndarray, classes) -> np.ndarray:
+    "`(n,)` float64: the softmax of `(n, 1000)` ImageNet `logits` summed over the class indices `classes`."
     logits = np.asarray(logits, np.float64)
     e = np.exp(logits - logits.max(1, keepdims=True))
-    return (e[:, ANIMAL_CLASSES].sum(1) / e.sum(1)).astype(np.float32)
+    return e[:, classes].sum(1) / e.sum(1)
+
+def animal_probability(logits: np.ndarray) -> np.ndarray:
+    "`(n,)` float32 in [0, 1]: the `imagenet_mass` of `logits` over `ANIMAL_CLASSES`."
+    return imagenet_mass(logits, ANIMAL_CLASSES).astype(np.float32)
 
 # %% ../nbs/05_features.ipynb #a42f4c36
 @patch
